@@ -1,0 +1,110 @@
+"""Backend registry: which implementation of the layer op runs, and how `auto` is resolved.
+
+The contract every backend implements is in docs/design.md. A backend registers itself when its module is imported;
+`fusedrnn/__init__.py` imports all of them. Only finished backends are registered.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# Order `auto` tries, per device type.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class Backend:
+    """Base class; see docs/design.md for the shapes of forward/backward arguments."""
+
+    name = "?"
+
+    def available(self) -> bool:
+        return True
+
+    def why_unavailable(self) -> str:
+        return ""
+
+    def supports(self, device: torch.device, dtype: torch.dtype, mode: str, has_proj: bool) -> bool:
+        raise NotImplementedError
+
+    def forward(self, mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train):
+        raise NotImplementedError
+
+    def backward(self, mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
+                 num_directions, y, reserve):
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Backend] = {}
+# Backends that exist in the project but are not registered on this machine, with the reason (for error messages).
+_MISSING: dict[str, str] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+    _MISSING.pop(backend.name, None)
+
+
+def note_missing(name: str, how_to_get_it: str) -> None:
+    """Record that backend `name` is not usable here and how a user gets it."""
+    if name not in _BACKENDS:
+        _MISSING[name] = how_to_get_it
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise RuntimeError(_unavailable_message(name)) from None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process (compiled, importable), `reference` always among them."""
+    return [n for n, b in _BACKENDS.items() if b.available()]
+
+
+def _unavailable_message(name: str) -> str:
+    known = sorted(set(_BACKENDS) | set(_MISSING) | {"auto"})
+    if name in _MISSING:
+        return f"fusedrnn backend '{name}' is not available: {_MISSING[name]}"
+    if name in _BACKENDS:
+        return f"fusedrnn backend '{name}' is not available: {_BACKENDS[name].why_unavailable()}"
+    return f"unknown fusedrnn backend '{name}'; choose one of {known}"
+
+
+def check_backend_name(name: str) -> str:
+    """Validate a backend name given to a module (at construction); 'auto' and None mean automatic."""
+    if name is None:
+        return "auto"
+    if not isinstance(name, str):
+        raise TypeError(f"backend should be a str, got: {type(name).__name__}")
+    if name != "auto" and name not in _BACKENDS and name not in _MISSING:
+        raise ValueError(_unavailable_message(name))
+    return name
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, mode: str, has_proj: bool) -> str:
+    """The backend name to run for this call.
+
+    `requested` is the module's `backend` argument; the environment variable FUSEDRNN_BACKEND overrides `auto`.
+    An explicit request is never silently replaced: if it cannot run this input, the error says why.
+    """
+    if requested == "auto":
+        requested = os.environ.get("FUSEDRNN_BACKEND", "auto") or "auto"
+    if requested != "auto":
+        b = get_backend(requested)
+        if not b.available():
+            raise RuntimeError(_unavailable_message(requested))
+        if not b.supports(device, dtype, mode, has_proj):
+            raise RuntimeError(
+                f"fusedrnn backend '{requested}' does not support mode={mode}, dtype={dtype}, "
+                f"device={device.type}{', proj_size > 0' if has_proj else ''}; use backend='auto' or 'reference'"
+            )
+        return requested
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        b = _BACKENDS.get(name)
+        if b is not None and b.available() and b.supports(device, dtype, mode, has_proj):
+            return name
+    return "reference"
