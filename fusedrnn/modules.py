@@ -1,0 +1,344 @@
+"""Drop-in LSTM, GRU, RNN and their cells.
+
+Same constructor arguments, parameter names and shapes, initialisation, `state_dict`, inputs, outputs and errors as
+torch.nn, plus a `backend` keyword ("auto" by default). The sequence modules derive from `nn.RNNBase`, not from
+`nn.LSTM`/`nn.GRU`/`nn.RNN`, on purpose: torch.compile graph-breaks on any instance of those three classes (an
+isinstance check in torch/_dynamo/variables/builder.py), while RNNBase gives the same parameter machinery and stays
+compilable. So `isinstance(m, nn.RNNBase)` holds and `isinstance(m, nn.LSTM)` does not.
+
+Every layer runs as one `torch.ops.fusedrnn.rnn_layer` call (fusedrnn/ops.py); weights are read by name at every
+forward, so parametrizations (weight_norm, ...) and `functional_call` see current values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops  # noqa: F401  (registers torch.ops.fusedrnn.*)
+from .backends import check_backend_name, resolve
+
+_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+# ATen's names for dtypes, used where torch.nn's error comes from ATen ("mat1 and mat2 must have the same dtype").
+_ATEN_DTYPE = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+               torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+               torch.uint8: "Byte", torch.bool: "Bool", torch.complex64: "ComplexFloat",
+               torch.complex128: "ComplexDouble"}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return _ATEN_DTYPE.get(dt, str(dt))
+
+
+def _check_same_dtype(t: Tensor, weight: Tensor) -> None:
+    if t.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+        raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {_dtype_name(t.dtype)} and "
+                           f"{_dtype_name(weight.dtype)}")
+
+
+def _check_devices(input: Tensor, hiddens, weights) -> None:
+    for name, ts in (("hidden", hiddens), ("parameter", weights)):
+        for t in ts:
+            if t is not None and t.device != input.device:
+                raise RuntimeError(f"Input and {name} tensors are not at the same device, found input tensor at "
+                                   f"{input.device} and {name} tensor at {t.device}")
+
+
+def _check_packed(data: Tensor, batch_sizes: Tensor) -> None:
+    """Hand-built PackedSequence objects must be consistent; torch.nn gives odd errors or silent garbage here."""
+    if torch.compiler.is_compiling():
+        return
+    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+        raise ValueError("PackedSequence.batch_sizes must be a 1-D int64 tensor on the CPU, got "
+                         f"{batch_sizes.dim()}-D {batch_sizes.dtype} on {batch_sizes.device}")
+    if batch_sizes.numel() == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    bs = batch_sizes.tolist()
+    if bs[-1] <= 0 or any(a < b for a, b in zip(bs, bs[1:])):
+        raise ValueError(f"PackedSequence.batch_sizes must be positive and non-increasing, got {bs}")
+    if sum(bs) != data.shape[0]:
+        raise ValueError(f"PackedSequence.data has {data.shape[0]} rows but batch_sizes sum to {sum(bs)}")
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _FusedRNNBase(nn.RNNBase):
+    backend = "auto"  # class default, so modules pickled without the attribute still load
+
+    def __init__(self, mode: str, *args, backend: str = "auto", **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        self.backend = check_backend_name(backend)
+
+    def flatten_parameters(self) -> None:
+        """Kept for compatibility; fusedrnn reads the parameters where they are, so there is nothing to do."""
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+
+    def _layer_weights(self, layer: int) -> list[Tensor]:
+        D = 2 if self.bidirectional else 1
+        return [getattr(self, n) for names in self._all_weights[layer * D:(layer + 1) * D] for n in names]
+
+    def _run(self, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Tensor | None):
+        """x [N, I] packed rows; hx [L*D, B, P]; cx [L*D, B, H] or None -> (y [N, D*P], hy, cy)."""
+        D = 2 if self.bidirectional else 1
+        mode = _MODES[self.mode]
+        weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
+        flat = [w for ws in weights for w in ws]
+        _check_devices(x, (hx, cx), flat)
+        _check_same_dtype(hx, flat[1])
+        if cx is not None:
+            _check_same_dtype(cx, flat[1])
+        backend = resolve(self.backend, x.device, x.dtype, mode, self.proj_size > 0)
+        train = _needs_grad([x, hx, cx, *flat])
+        hys, cys = [], []
+        for layer in range(self.num_layers):
+            sl = slice(layer * D, (layer + 1) * D)
+            x, hy, cy, _ = torch.ops.fusedrnn.rnn_layer(
+                mode, x, batch_sizes, hx[sl], cx[sl] if cx is not None else None, weights[layer], self.bias, D,
+                train, backend)
+            hys.append(hy)
+            cys.append(cy)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        return x, torch.cat(hys), (torch.cat(cys) if cx is not None else None)
+
+    def _forward(self, input, hx):
+        """Shared forward; hx is a Tensor (GRU/RNN) or a (h, c) pair (LSTM), already validated and batched."""
+        raise NotImplementedError
+
+    def _prepare(self, input, hx, name: str):
+        """Mirrors torch.nn's forward preamble: returns (input, batch_sizes | None, hx, sorted, unsorted,
+        is_batched, batch_dim); hx is a tuple (h,) or (h, c) with the batch dimension present."""
+        is_lstm = self.mode == "LSTM"
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if isinstance(input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_packed(input, batch_sizes)
+            is_batched, batch_dim = True, 0
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                tensor = " tensor" if name == "RNN" else ""
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                hs = tuple(hx) if is_lstm else (hx,)
+                want = 3 if is_batched else 2
+                if any(h.dim() != want for h in hs):
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    if is_lstm:
+                        raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                           f"({hs[0].dim()}-D, {hs[1].dim()}-D) tensors")
+                    raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
+                                       f"{hs[0].dim()}-D tensor")
+                if not is_batched:
+                    hx = tuple(h.unsqueeze(1) for h in hs) if is_lstm else hx.unsqueeze(1)
+        if hx is None:
+            B = int(batch_sizes[0]) if batch_sizes is not None else input.size(0 if self.batch_first else 1)
+            h = torch.zeros(self.num_layers * D, B, P, dtype=input.dtype, device=input.device)
+            if is_lstm:
+                hx = (h, torch.zeros(self.num_layers * D, B, self.hidden_size, dtype=input.dtype,
+                                     device=input.device))
+            else:
+                hx = h
+            hx_given = False
+        else:
+            hx_given = True
+        if is_lstm:
+            self.check_forward_args(input, hx, batch_sizes)
+        else:
+            self.check_forward_args(input, hx, batch_sizes)
+        if hx_given:
+            hx = self.permute_hidden(hx, sorted_indices)
+        return input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim
+
+    def _sequence_forward(self, input, hx, name: str):
+        orig = input
+        input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim = self._prepare(input, hx, name)
+        h0, c0 = (hx[0], hx[1]) if self.mode == "LSTM" else (hx, None)
+        if batch_sizes is None:
+            if input.size(0 if not self.batch_first else 1) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            x = input.transpose(0, 1) if self.batch_first else input
+            T, B = x.shape[0], x.shape[1]
+            steps = torch.full((T,), B, dtype=torch.int64)
+            y, hy, cy = self._run(x.reshape(T * B, x.shape[2]), steps, h0, c0)
+            y = y.view(T, B, y.shape[-1])
+            if self.batch_first:
+                y = y.transpose(0, 1)
+            if not is_batched:
+                y = y.squeeze(batch_dim)
+                hy = hy.squeeze(1)
+                cy = cy.squeeze(1) if cy is not None else None
+            out = y
+        else:
+            y, hy, cy = self._run(input, batch_sizes, h0, c0)
+            out = PackedSequence(y, batch_sizes, orig.sorted_indices, orig.unsorted_indices)
+        hidden = (hy, cy) if self.mode == "LSTM" else hy
+        return out, self.permute_hidden(hidden, unsorted_indices)
+
+
+class LSTM(_FusedRNNBase):
+    """Drop-in for torch.nn.LSTM: LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, backend="auto").
+
+    input [T, B, I] ([B, T, I] with batch_first, [T, I] unbatched, or a PackedSequence), hx optional (h0, c0) with
+    h0 [L*D, B, P], c0 [L*D, B, H] -> output [T, B, D*P], (h_n [L*D, B, P], c_n [L*D, B, H])."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(self, input, hx=None):
+        return self._sequence_forward(input, hx, "LSTM")
+
+
+class GRU(_FusedRNNBase):
+    """Drop-in for torch.nn.GRU: GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None, backend="auto").
+    input [T, B, I] (or batch_first / unbatched / PackedSequence), hx [L*D, B, H] -> (output [T, B, D*H], h_n)."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._sequence_forward(input, hx, "GRU")
+
+
+class RNN(_FusedRNNBase):
+    """Drop-in for torch.nn.RNN: RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, backend="auto")."""
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._sequence_forward(input, hx, "RNN")
+
+
+class _FusedCellBase(nn.RNNCellBase):
+    backend = "auto"
+    _mode = "?"
+    _name = "?"
+
+    def _init_backend(self, backend):
+        self.backend = check_backend_name(backend)
+
+    def _cell(self, input: Tensor, hx):
+        """input [B, I], hx tuple of [B, H] -> tuple of [B, H] (h,) or (h, c)."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for k, h in enumerate(hx):
+            if input.size(0) != h.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{k} batch size "
+                                   f"{h.size(0)}")
+            if h.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, expected "
+                                   f"{self.hidden_size}")
+        _check_same_dtype(input, self.weight_ih)
+        for h in hx:
+            _check_same_dtype(h, self.weight_hh)
+        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        _check_devices(input, hx, weights)
+        backend = resolve(self.backend, input.device, input.dtype, self._mode, False)
+        steps = torch.full((1,), input.size(0), dtype=torch.int64)
+        cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
+        _, hy, cy, _ = torch.ops.fusedrnn.rnn_layer(
+            self._mode, input, steps, hx[0].unsqueeze(0), cx, weights, self.bias, 1,
+            _needs_grad([input, *hx, *weights]), backend)
+        return (hy[0], cy[0]) if self._mode == "lstm" else (hy[0],)
+
+    def _cell_forward(self, input: Tensor, hx, n_states: int):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            hs = tuple(hx) if n_states == 2 else (hx,)
+            for idx, value in enumerate(hs):
+                if value.dim() not in (1, 2):
+                    what = f"hx[{idx}]" if n_states == 2 else "hidden"
+                    raise ValueError(f"{self._name}: Expected {what} to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hs = (zeros,) * n_states
+        elif not is_batched:
+            hs = tuple(h.unsqueeze(0) for h in hs)
+        out = self._cell(input, hs)
+        if not is_batched:
+            out = tuple(o.squeeze(0) for o in out)
+        return out if n_states == 2 else out[0]
+
+
+class LSTMCell(_FusedCellBase):
+    """Drop-in for torch.nn.LSTMCell: input [B, I] or [I], hx optional (h [B, H], c [B, H]) -> (h', c')."""
+    _mode, _name = "lstm", "LSTMCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return self._cell_forward(input, hx, 2)
+
+
+class GRUCell(_FusedCellBase):
+    """Drop-in for torch.nn.GRUCell: input [B, I] or [I], hx optional [B, H] -> h'."""
+    _mode, _name = "gru", "GRUCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        return self._cell_forward(input, hx, 1)
+
+
+class RNNCell(_FusedCellBase):
+    """Drop-in for torch.nn.RNNCell (nonlinearity 'tanh' or 'relu'): input [B, I] or [I], hx [B, H] -> h'."""
+    _name = "RNNCell"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
+                 device=None, dtype=None, backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+        self._init_backend(backend)
+
+    @property
+    def _mode(self):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return "rnn_" + self.nonlinearity
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        return self._cell_forward(input, hx, 1)
