@@ -1,0 +1,329 @@
+"""Triton kernels for one RNN layer: the whole time loop runs inside one launch (forward and backward).
+
+Dimension letters (docs/design.md): T steps, B batch, N = sum(batch_sizes) packed rows, H hidden size (= P: no
+projection here), G gates (LSTM 4, GRU 3, RNN 1), D directions, R reserve width per row (LSTM 5H, GRU 4H, RNN 0).
+
+Design (one program per (direction, block of BLOCK_B batch rows), owning the whole hidden dimension):
+- The input projection x W_ih^T + b for every step is one torch GEMM before the kernel (`xp`); the kernel does only
+  the recurrence h_{t-1} W_hh^T.
+- W_hh is never held on chip: every step streams [BLOCK_K, BLOCK_H] tiles of it from global memory (L2-resident
+  after the first step), so any H works; cost per step per program is one pass over W_hh.
+- Programs never wait for each other (Triton has no portable grid-wide barrier): a program's batch rows depend only
+  on their own history. The recurrent state of its rows lives in a float32 global scratch, double-buffered by step
+  parity (read buffer s % 2, write the other), so a step never overwrites a value another thread of the program may
+  still read; `tl.debug_barrier()` (bar.sync: orders global-memory writes within the program) separates the steps.
+  Scratch loads use cache_modifier ".cg" (L2, not the non-coherent path).
+- Variable lengths: step t owns packed rows offs[t] .. offs[t] + bs[t]; rows j >= bs[t] are dead at t: their state
+  is carried unchanged into the other buffer, which is also what the reverse direction needs (a sequence starts at
+  its own end with hx).
+- Backward: per step, phase 1 turns dh (carried + grad_y) into gate gradients dG (pre-activation) stored to global;
+  phase 2, after a barrier, computes dh_prev = dG W_hh by streaming W_hh tiles. Weight and input gradients are torch
+  GEMMs over dG after the kernel.
+- tanh is written as 2 * sigmoid(2x) - 1 (libdevice tanh does not run under TRITON_INTERPRET).
+- DOT_F32: dot operands upcast to float32 (used under the interpreter, whose bf16/fp16 dot is wrong or accumulates in
+  low precision; products of 16-bit values are exact in float32, so results match a float32-accumulating GPU dot).
+"""
+import triton
+import triton.language as tl
+
+# MODE constexpr values
+LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+
+
+@triton.jit
+def rnn_fwd_kernel(
+    p_xp,      # [N, D*G*H]  x W_ih^T + b_ih (+ b_hh except GRU's n part), x dtype
+    p_whh,     # [D, G*H, H] recurrent weights, x dtype
+    p_bhn,     # [D, H]      GRU b_hn (read iff HAS_BHN)
+    p_hx,      # [D, B, H]   initial h
+    p_cx,      # [D, B, H]   initial c (LSTM)
+    p_bs,      # [T] int32   batch_sizes
+    p_offs,    # [T] int32   exclusive cumsum of batch_sizes
+    p_y,       # [N, D*H]    output
+    p_hy,      # [D, B, H]   final h
+    p_cy,      # [D, B, H]   final c (LSTM)
+    p_res,     # [D, N, R]   reserve (TRAIN, LSTM/GRU)
+    p_hbuf,    # [D, 2, B, H] float32 scratch: h of the previous / current step
+    p_cbuf,    # [D, 2, B, H] float32 scratch: c (LSTM)
+    T, B, H, N,
+    MODE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TRAIN: tl.constexpr, HAS_BHN: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    d = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_row = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = d.to(tl.int64)
+    GH = G * H
+    R = (G + 1) * H
+    p_whh_d = p_whh + d64 * GH * H
+    p_hbuf_d = p_hbuf + d64 * 2 * B * H
+    p_cbuf_d = p_cbuf + d64 * 2 * B * H
+
+    # scratch buffer 0 <- initial state
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        m = m_row[:, None] & (cols < H)[None, :]
+        o_bh = rows64[:, None] * H + cols[None, :]
+        b_h0 = tl.load(p_hx + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32)
+        tl.store(p_hbuf_d + o_bh, b_h0, mask=m)
+        if MODE == 0:
+            b_c0 = tl.load(p_cx + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32)
+            tl.store(p_cbuf_d + o_bh, b_c0, mask=m)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = s + d * (T - 1 - 2 * s)          # forward: s, reverse: T-1-s
+        n_alive = tl.load(p_bs + t)
+        off = tl.load(p_offs + t)
+        cur = s % 2
+        p_hcur = p_hbuf_d + cur * B * H
+        p_hnxt = p_hbuf_d + (1 - cur) * B * H
+        p_ccur = p_cbuf_d + cur * B * H
+        p_cnxt = p_cbuf_d + (1 - cur) * B * H
+        m_alive = rows < n_alive
+        prow = off.to(tl.int64) + rows64      # packed row of each batch row at step t
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m_col = cols < H
+            acc0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            # gates_hh[:, g*H + cols] = h_prev @ W_hh[g*H + cols, :]^T, W_hh streamed in [BLOCK_K, BLOCK_H] tiles
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                m_k = ks < H
+                b_h = tl.load(p_hcur + rows64[:, None] * H + ks[None, :], mask=m_row[:, None] & m_k[None, :],
+                              other=0., cache_modifier=".cg")
+                if not DOT_F32:
+                    b_h = b_h.to(p_whh.dtype.element_ty)
+                o_w = cols[None, :] * H + ks[:, None]
+                m_w = m_k[:, None] & m_col[None, :]
+                b_w = tl.load(p_whh_d + o_w, mask=m_w, other=0.)
+                if DOT_F32:
+                    b_w = b_w.to(tl.float32)
+                acc0 = tl.dot(b_h, b_w, acc=acc0, input_precision=PREC)
+                if G > 1:
+                    b_w = tl.load(p_whh_d + H * H + o_w, mask=m_w, other=0.)
+                    if DOT_F32:
+                        b_w = b_w.to(tl.float32)
+                    acc1 = tl.dot(b_h, b_w, acc=acc1, input_precision=PREC)
+                    b_w = tl.load(p_whh_d + 2 * H * H + o_w, mask=m_w, other=0.)
+                    if DOT_F32:
+                        b_w = b_w.to(tl.float32)
+                    acc2 = tl.dot(b_h, b_w, acc=acc2, input_precision=PREC)
+                if G > 3:
+                    b_w = tl.load(p_whh_d + 3 * H * H + o_w, mask=m_w, other=0.)
+                    if DOT_F32:
+                        b_w = b_w.to(tl.float32)
+                    acc3 = tl.dot(b_h, b_w, acc=acc3, input_precision=PREC)
+
+            m_live = m_alive[:, None] & m_col[None, :]
+            m_keep = m_row[:, None] & m_col[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
+            p_xrow = p_xp + prow[:, None] * (D * GH) + d64 * GH + cols[None, :]
+            b_hprev = tl.load(p_hcur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
+            p_rrow = p_res + (d64 * N + prow[:, None]) * R + cols[None, :]
+            if MODE == 0:
+                b_i = tl.sigmoid(acc0 + tl.load(p_xrow, mask=m_live, other=0.).to(tl.float32))
+                b_f = tl.sigmoid(acc1 + tl.load(p_xrow + H, mask=m_live, other=0.).to(tl.float32))
+                b_g = 2. * tl.sigmoid(2. * (acc2 + tl.load(p_xrow + 2 * H, mask=m_live, other=0.).to(tl.float32))) - 1.
+                b_o = tl.sigmoid(acc3 + tl.load(p_xrow + 3 * H, mask=m_live, other=0.).to(tl.float32))
+                b_cprev = tl.load(p_ccur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
+                b_c = b_f * b_cprev + b_i * b_g
+                b_hnew = b_o * (2. * tl.sigmoid(2. * b_c) - 1.)
+                tl.store(p_cnxt + o_bh, tl.where(m_live, b_c, b_cprev), mask=m_keep)
+                if TRAIN:
+                    tl.store(p_rrow, b_i.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + H, b_f.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + 2 * H, b_g.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + 3 * H, b_o.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + 4 * H, b_c.to(p_res.dtype.element_ty), mask=m_live)
+            elif MODE == 1:
+                b_r = tl.sigmoid(acc0 + tl.load(p_xrow, mask=m_live, other=0.).to(tl.float32))
+                b_z = tl.sigmoid(acc1 + tl.load(p_xrow + H, mask=m_live, other=0.).to(tl.float32))
+                b_hn = acc2
+                if HAS_BHN:
+                    b_hn += tl.load(p_bhn + d64 * H + cols, mask=m_col, other=0.).to(tl.float32)[None, :]
+                b_n = 2. * tl.sigmoid(2. * (tl.load(p_xrow + 2 * H, mask=m_live, other=0.).to(tl.float32)
+                                            + b_r * b_hn)) - 1.
+                b_hnew = (1. - b_z) * b_n + b_z * b_hprev
+                if TRAIN:
+                    tl.store(p_rrow, b_r.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + H, b_z.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + 2 * H, b_n.to(p_res.dtype.element_ty), mask=m_live)
+                    tl.store(p_rrow + 3 * H, b_hn.to(p_res.dtype.element_ty), mask=m_live)
+            else:
+                b_a = acc0 + tl.load(p_xrow, mask=m_live, other=0.).to(tl.float32)
+                if MODE == 2:
+                    b_hnew = 2. * tl.sigmoid(2. * b_a) - 1.
+                else:
+                    b_hnew = tl.maximum(b_a, 0.)
+            # rounded to the output dtype, as the next step and backward (which reads y) see it
+            b_hnew = b_hnew.to(p_y.dtype.element_ty)
+            tl.store(p_y + prow[:, None] * (D * H) + d64 * H + cols[None, :], b_hnew, mask=m_live)
+            tl.store(p_hnxt + o_bh, tl.where(m_live, b_hnew.to(tl.float32), b_hprev), mask=m_keep)
+        tl.debug_barrier()
+
+    fin = T % 2
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        m = m_row[:, None] & (cols < H)[None, :]
+        o_bh = rows64[:, None] * H + cols[None, :]
+        b_h = tl.load(p_hbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
+        tl.store(p_hy + d64 * B * H + o_bh, b_h.to(p_hy.dtype.element_ty), mask=m)
+        if MODE == 0:
+            b_c = tl.load(p_cbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
+            tl.store(p_cy + d64 * B * H + o_bh, b_c.to(p_cy.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def rnn_bwd_kernel(
+    p_gy,      # [N, D*H]     grad of y
+    p_ghy,     # [D, B, H]    grad of hy
+    p_gcy,     # [D, B, H]    grad of cy (LSTM)
+    p_res,     # [D, N, R]    reserve from the forward (LSTM/GRU)
+    p_y,       # [N, D*H]     forward output (RNN: activation derivative)
+    p_hprev,   # [D, N, H]    h_prev of every packed row (GRU)
+    p_cprev,   # [D, N, H]    c_prev of every packed row (LSTM)
+    p_whh,     # [D, G*H, H]  recurrent weights
+    p_bs,      # [T] int32
+    p_offs,    # [T] int32
+    p_dg,      # [N, D*GD]    out: pre-activation gate grads; GD = 4H LSTM ([di,df,dg,do]), 4H GRU
+               #              ([dr,dz,dhn,dn]: the first 3H multiply W_hh, [dr,dz,dn] multiply W_ih), H RNN
+    p_dhx,     # [D, B, H]    out: grad of hx
+    p_dcx,     # [D, B, H]    out: grad of cx (LSTM)
+    p_dhbuf,   # [D, 2, B, H] float32 scratch: dh carried between steps
+    p_dcbuf,   # [D, 2, B, H] float32 scratch: dc carried between steps (LSTM)
+    T, B, H, N,
+    MODE: tl.constexpr, G: tl.constexpr, GD: tl.constexpr, D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    d = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_row = rows < B
+    rows64 = rows.to(tl.int64)
+    d64 = d.to(tl.int64)
+    GH = G * H
+    GDH = GD * H          # width of one direction's dG block
+    R = (G + 1) * H
+    p_whh_d = p_whh + d64 * GH * H
+    p_dhbuf_d = p_dhbuf + d64 * 2 * B * H
+    p_dcbuf_d = p_dcbuf + d64 * 2 * B * H
+
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        m = m_row[:, None] & (cols < H)[None, :]
+        o_bh = rows64[:, None] * H + cols[None, :]
+        tl.store(p_dhbuf_d + o_bh, tl.load(p_ghy + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32), mask=m)
+        if MODE == 0:
+            tl.store(p_dcbuf_d + o_bh, tl.load(p_gcy + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32),
+                     mask=m)
+    tl.debug_barrier()
+
+    for s in range(T):
+        t = (T - 1 - s) + d * (2 * s + 1 - T)     # the forward's order reversed: forward dir T-1..0, reverse 0..T-1
+        n_alive = tl.load(p_bs + t)
+        off = tl.load(p_offs + t)
+        cur = s % 2
+        p_dhcur = p_dhbuf_d + cur * B * H
+        p_dhnxt = p_dhbuf_d + (1 - cur) * B * H
+        p_dccur = p_dcbuf_d + cur * B * H
+        p_dcnxt = p_dcbuf_d + (1 - cur) * B * H
+        m_alive = rows < n_alive
+        prow = off.to(tl.int64) + rows64
+        p_dgrow = p_dg + prow[:, None] * (D * GDH) + d64 * GDH
+
+        # phase 1: gate gradients of this step
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m_col = cols < H
+            m_live = m_alive[:, None] & m_col[None, :]
+            m_keep = m_row[:, None] & m_col[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
+            b_dh = tl.load(p_dhcur + o_bh, mask=m_live, other=0., cache_modifier=".cg")
+            b_dh += tl.load(p_gy + prow[:, None] * (D * H) + d64 * H + cols[None, :], mask=m_live,
+                            other=0.).to(tl.float32)
+            p_rrow = p_res + (d64 * N + prow[:, None]) * R + cols[None, :]
+            p_dgc = p_dgrow + cols[None, :]
+            if MODE == 0:
+                b_i = tl.load(p_rrow, mask=m_live, other=0.).to(tl.float32)
+                b_f = tl.load(p_rrow + H, mask=m_live, other=0.).to(tl.float32)
+                b_g = tl.load(p_rrow + 2 * H, mask=m_live, other=0.).to(tl.float32)
+                b_o = tl.load(p_rrow + 3 * H, mask=m_live, other=0.).to(tl.float32)
+                b_c = tl.load(p_rrow + 4 * H, mask=m_live, other=0.).to(tl.float32)
+                b_cprev = tl.load(p_cprev + (d64 * N + prow[:, None]) * H + cols[None, :], mask=m_live,
+                                  other=0.).to(tl.float32)
+                b_dcin = tl.load(p_dccur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
+                b_tc = 2. * tl.sigmoid(2. * b_c) - 1.
+                b_dc = b_dcin + b_dh * b_o * (1. - b_tc * b_tc)
+                tl.store(p_dgc, (b_dc * b_g * b_i * (1. - b_i)).to(p_dg.dtype.element_ty), mask=m_live)
+                tl.store(p_dgc + H, (b_dc * b_cprev * b_f * (1. - b_f)).to(p_dg.dtype.element_ty), mask=m_live)
+                tl.store(p_dgc + 2 * H, (b_dc * b_i * (1. - b_g * b_g)).to(p_dg.dtype.element_ty), mask=m_live)
+                tl.store(p_dgc + 3 * H, (b_dh * b_tc * b_o * (1. - b_o)).to(p_dg.dtype.element_ty), mask=m_live)
+                tl.store(p_dcnxt + o_bh, tl.where(m_live, b_dc * b_f, b_dcin), mask=m_keep)
+            elif MODE == 1:
+                b_r = tl.load(p_rrow, mask=m_live, other=0.).to(tl.float32)
+                b_z = tl.load(p_rrow + H, mask=m_live, other=0.).to(tl.float32)
+                b_n = tl.load(p_rrow + 2 * H, mask=m_live, other=0.).to(tl.float32)
+                b_hn = tl.load(p_rrow + 3 * H, mask=m_live, other=0.).to(tl.float32)
+                b_hprev = tl.load(p_hprev + (d64 * N + prow[:, None]) * H + cols[None, :], mask=m_live,
+                                  other=0.).to(tl.float32)
+                b_dan = b_dh * (1. - b_z) * (1. - b_n * b_n)
+                tl.store(p_dgc, (b_dan * b_hn * b_r * (1. - b_r)).to(p_dg.dtype.element_ty), mask=m_live)
+                tl.store(p_dgc + H, (b_dh * (b_hprev - b_n) * b_z * (1. - b_z)).to(p_dg.dtype.element_ty),
+                         mask=m_live)
+                tl.store(p_dgc + 2 * H, (b_dan * b_r).to(p_dg.dtype.element_ty), mask=m_live)
+                tl.store(p_dgc + 3 * H, b_dan.to(p_dg.dtype.element_ty), mask=m_live)
+            else:
+                b_y = tl.load(p_y + prow[:, None] * (D * H) + d64 * H + cols[None, :], mask=m_live,
+                              other=0.).to(tl.float32)
+                if MODE == 2:
+                    b_da = b_dh * (1. - b_y * b_y)
+                else:
+                    b_da = tl.where(b_y > 0., b_dh, 0.)
+                tl.store(p_dgc, b_da.to(p_dg.dtype.element_ty), mask=m_live)
+        tl.debug_barrier()
+
+        # phase 2: dh_prev = dG[:, :G*H] @ W_hh (+ dh * z for GRU), W_hh streamed in [BLOCK_K, BLOCK_H] tiles
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m_col = cols < H
+            m_live = m_alive[:, None] & m_col[None, :]
+            m_keep = m_row[:, None] & m_col[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for k0 in range(0, GH, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                m_k = ks < GH
+                b_dg = tl.load(p_dgrow + ks[None, :], mask=m_alive[:, None] & m_k[None, :], other=0.,
+                               cache_modifier=".cg")
+                b_w = tl.load(p_whh_d + ks[:, None] * H + cols[None, :], mask=m_k[:, None] & m_col[None, :],
+                              other=0.)
+                if DOT_F32:
+                    b_dg = b_dg.to(tl.float32)
+                    b_w = b_w.to(tl.float32)
+                acc = tl.dot(b_dg, b_w, acc=acc, input_precision=PREC)
+            b_dhcur = tl.load(p_dhcur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
+            if MODE == 1:
+                b_dh = b_dhcur + tl.load(p_gy + prow[:, None] * (D * H) + d64 * H + cols[None, :], mask=m_live,
+                                         other=0.).to(tl.float32)
+                b_z = tl.load(p_res + (d64 * N + prow[:, None]) * R + H + cols[None, :], mask=m_live,
+                              other=0.).to(tl.float32)
+                acc += b_dh * b_z
+            tl.store(p_dhnxt + o_bh, tl.where(m_live, acc, b_dhcur), mask=m_keep)
+        tl.debug_barrier()
+
+    fin = T % 2
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        m = m_row[:, None] & (cols < H)[None, :]
+        o_bh = rows64[:, None] * H + cols[None, :]
+        b_dh = tl.load(p_dhbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
+        tl.store(p_dhx + d64 * B * H + o_bh, b_dh.to(p_dhx.dtype.element_ty), mask=m)
+        if MODE == 0:
+            b_dc = tl.load(p_dcbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
+            tl.store(p_dcx + d64 * B * H + o_bh, b_dc.to(p_dcx.dtype.element_ty), mask=m)

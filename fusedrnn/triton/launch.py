@@ -1,0 +1,198 @@
+"""Launchers: torch glue around the Triton kernels (input-projection GEMM before, weight-gradient GEMMs after).
+
+Shapes as in docs/design.md: x [N, I], batch_sizes [T] (CPU int64), hx/cx [D, B, H], y [N, D*H], reserve [D, N, R].
+No projection (proj_size) here: TritonBackend.supports() is False for it, so `auto` picks another backend.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import kernels as K
+
+_MODE = {"lstm": K.LSTM, "gru": K.GRU, "rnn_tanh": K.RNN_TANH, "rnn_relu": K.RNN_RELU}
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+# columns of dG per direction, in units of H (GRU keeps dn beside dhn: W_ih and W_hh see different n gradients)
+_GD = {"lstm": 4, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+_RES = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for TRITON_INTERPRET (decided when triton was first imported)."""
+    return type(K.rnn_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _blocks(H: int, dtype: torch.dtype, blocks):
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). tl.dot needs every block dimension >= 16."""
+    if blocks is not None:
+        return blocks
+    if interpreting():
+        b = max(16, min(32, triton.next_power_of_2(H)))
+        return 16, b, b, 4
+    bh = max(16, min(64, triton.next_power_of_2(H)))
+    bk = max(16, min(64 if dtype != torch.float32 else 32, triton.next_power_of_2(H)))
+    return 16, bh, bk, 4
+
+
+def _dot_args(dtype: torch.dtype):
+    """(DOT_F32, PREC): under the interpreter dot in float32 (its bf16 dot is wrong); float32 dots are IEEE, not
+    TF32, like torch's default."""
+    return interpreting(), "ieee" if (dtype == torch.float32 or interpreting()) else "tf32"
+
+
+def _split(weights, has_biases, D):
+    n = len(weights) // D
+    groups = [weights[d * n:(d + 1) * n] for d in range(D)]
+    if n != 2 + 2 * has_biases:
+        raise NotImplementedError("fusedrnn triton backend: proj_size is not supported (auto picks another backend)")
+    return groups
+
+
+def _steps(batch_sizes: torch.Tensor, device):
+    bs = batch_sizes.to(torch.int64)
+    offs = torch.zeros_like(bs)
+    if bs.numel() > 1:
+        offs[1:] = torch.cumsum(bs, 0)[:-1]
+    return bs.to(device=device, dtype=torch.int32), offs.to(device=device, dtype=torch.int32), bs, offs
+
+
+def _prev_index(bs: torch.Tensor, offs: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """[N] int64 index into cat([rows of y (N), hx rows (B)]): where each packed row's h_prev comes from."""
+    T = bs.numel()
+    N = int(bs.sum())
+    t_of = torch.repeat_interleave(torch.arange(T), bs)
+    j = torch.arange(N) - offs[t_of]
+    if not reverse:
+        src = torch.where(t_of > 0, offs[(t_of - 1).clamp(min=0)] + j, N + j)
+    else:
+        tn = (t_of + 1).clamp(max=T - 1)
+        alive_next = (t_of + 1 < T) & (j < bs[tn])
+        src = torch.where(alive_next, offs[tn] + j, N + j)
+    return src
+
+
+def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, blocks=None):
+    """One layer. x [N, I]; hx, cx [D, B, H] -> y [N, D*H], hy [D, B, H], cy [D, B, H] or [0], reserve [D, N, R]."""
+    D, G = num_directions, _GATES[mode]
+    is_lstm, is_gru = mode == "lstm", mode == "gru"
+    groups = _split(weights, has_biases, D)
+    dev, dt = x.device, x.dtype
+    T = batch_sizes.numel()
+    B, H = hx.shape[1], hx.shape[2]
+    x = x.contiguous()
+    N = x.shape[0]
+    w_ih = torch.cat([g[0] for g in groups], 0)                      # [D*G*H, I]
+    w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, H]
+    b_hn = x.new_empty(0)
+    if has_biases:
+        bias = []
+        for g in groups:
+            b_hh = g[3]
+            if is_gru:   # b_hn stays inside r * (W_hn h + b_hn)
+                b_hh = torch.cat([b_hh[:2 * H], torch.zeros_like(b_hh[2 * H:])])
+            bias.append(g[2] + b_hh)
+        xp = torch.addmm(torch.cat(bias), x, w_ih.t())              # [N, D*G*H]
+        if is_gru:
+            b_hn = torch.stack([g[3][2 * H:] for g in groups]).contiguous()
+    else:
+        xp = torch.mm(x, w_ih.t())
+    y = torch.empty(N, D * H, device=dev, dtype=dt)
+    hy = torch.empty(D, B, H, device=dev, dtype=dt)
+    cy = torch.empty(D, B, H, device=dev, dtype=dt) if is_lstm else x.new_empty(0)
+    R = _RES[mode] * H
+    reserve = torch.empty(D, N, R, device=dev, dtype=dt) if train else x.new_empty(0)
+    if T == 0:
+        hy.copy_(hx)
+        if is_lstm:
+            cy.copy_(cx)
+        return y, hy, cy, reserve
+    bs_d, offs_d, _, _ = _steps(batch_sizes, dev)
+    hbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32)
+    cbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32) if is_lstm else hbuf
+    BB, BH, BK, nw = _blocks(H, dt, blocks)
+    dot_f32, prec = _dot_args(dt)
+    hx = hx.contiguous()
+    cx_arg = cx.contiguous() if is_lstm else hx
+    grid = (D, triton.cdiv(B, BB))
+    K.rnn_fwd_kernel[grid](
+        xp, w_hh, b_hn if is_gru and has_biases else xp, hx, cx_arg, bs_d, offs_d,
+        y, hy, cy if is_lstm else hy, reserve if (train and R) else y, hbuf, cbuf,
+        T, B, H, N,
+        MODE=_MODE[mode], G=G, D=D, TRAIN=bool(train and R), HAS_BHN=bool(is_gru and has_biases),
+        BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, DOT_F32=dot_f32, PREC=prec, num_warps=nw,
+    )
+    return y, hy, cy, reserve
+
+
+def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
+             reserve, blocks=None):
+    """Gradients of one layer: grad_y [N, D*H], grad_hy/grad_cy [D, B, H] (grad_cy [0] unless LSTM) ->
+    grad_x [N, I], grad_hx [D, B, H], grad_cx [D, B, H] or [0], weight grads in the order of `weights`."""
+    D, G, GD = num_directions, _GATES[mode], _GD[mode]
+    is_lstm, is_gru = mode == "lstm", mode == "gru"
+    groups = _split(weights, has_biases, D)
+    dev, dt = x.device, x.dtype
+    T = batch_sizes.numel()
+    B, H = hx.shape[1], hx.shape[2]
+    x = x.contiguous()
+    N, I = x.shape
+    y = y.contiguous()
+    grad_y = grad_y.contiguous()
+    grad_hx = torch.empty(D, B, H, device=dev, dtype=dt)
+    grad_cx = torch.empty(D, B, H, device=dev, dtype=dt) if is_lstm else x.new_empty(0)
+    if T == 0:
+        grad_hx.copy_(grad_hy)
+        if is_lstm:
+            grad_cx.copy_(grad_cy)
+        grads = []
+        for g in groups:
+            grads += [torch.zeros_like(w) for w in g]
+        return x.new_zeros(N, I), grad_hx, grad_cx, grads
+    bs_d, offs_d, bs, offs = _steps(batch_sizes, dev)
+    w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, H]
+    # h_prev / c_prev of every packed row, per direction: [D, N, H]
+    hprev = []
+    cprev = []
+    for d in range(D):
+        idx = _prev_index(bs, offs, reverse=d == 1).to(dev)
+        hprev.append(torch.cat([y[:, d * H:(d + 1) * H], hx[d]], 0).index_select(0, idx))
+        if is_lstm:
+            cprev.append(torch.cat([reserve[d, :, 4 * H:], cx[d]], 0).index_select(0, idx))
+    hprev = torch.stack(hprev, 0)
+    cprev = torch.stack(cprev, 0) if is_lstm else hprev
+    dg = torch.empty(N, D * GD * H, device=dev, dtype=dt)
+    dhbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32)
+    dcbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32) if is_lstm else dhbuf
+    BB, BH, BK, nw = _blocks(H, dt, blocks)
+    dot_f32, prec = _dot_args(dt)
+    grid = (D, triton.cdiv(B, BB))
+    K.rnn_bwd_kernel[grid](
+        grad_y, grad_hy.contiguous(), grad_cy.contiguous() if is_lstm else grad_hy, reserve if reserve.numel() else y,
+        y, hprev, cprev, w_hh, bs_d, offs_d,
+        dg, grad_hx, grad_cx if is_lstm else grad_hx, dhbuf, dcbuf,
+        T, B, H, N,
+        MODE=_MODE[mode], G=G, GD=GD, D=D,
+        BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, DOT_F32=dot_f32, PREC=prec, num_warps=nw,
+    )
+    # weight / input gradients: torch GEMMs over dG
+    grad_x = None
+    if not is_gru:   # one GEMM for both directions: [N, D*G*H] @ [D*G*H, I]
+        grad_x = torch.mm(dg, torch.cat([g[0] for g in groups], 0))
+    dg = dg.view(N, D, GD * H)
+    grads = []
+    for d, g in enumerate(groups):
+        dg_d = dg[:, d]
+        if is_gru:
+            dgi = torch.cat([dg_d[:, :2 * H], dg_d[:, 3 * H:]], 1)      # [N, 3H] (dr, dz, dn)
+            dgh = dg_d[:, :3 * H]                                      # [N, 3H] (dr, dz, dhn)
+        else:
+            dgi = dgh = dg_d
+        if is_gru:
+            gx = torch.mm(dgi, g[0])
+            grad_x = gx if grad_x is None else grad_x.add_(gx)
+        grads.append(torch.mm(dgi.t(), x))
+        grads.append(torch.mm(dgh.t(), hprev[d]))
+        if has_biases:
+            grads.append(dgi.sum(0))
+            grads.append(dgh.sum(0))
+    return grad_x, grad_hx, grad_cx, grads
