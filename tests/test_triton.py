@@ -1,0 +1,276 @@
+"""The Triton backend (fusedrnn/triton) against the pure-PyTorch reference and torch.nn.
+
+Two halves:
+- CPU, through the Triton interpreter: the interpreter must be on before triton is first imported, which a normal
+  pytest run has already done (conftest imports fusedrnn). So in a normal run `test_interpreter_suite` re-runs this file
+  in a subprocess with TRITON_INTERPRET=1, and the interpreter tests run there (run them directly with
+  `TRITON_INTERPRET=1 pytest tests/test_triton.py`). Tiny shapes: the interpreter executes every block op in numpy.
+- CUDA (`requires_cuda`): conformance in float32, the low-precision 2x rule against cuDNN, a benchmark hook.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton): the triton backend is not built")
+
+import fusedrnn  # noqa: E402
+import fusedrnn.reference as reference  # noqa: E402
+from fusedrnn.backends import available_backends, get_backend  # noqa: E402
+
+from conftest import assert_close_all, assert_low_precision  # noqa: E402
+from helpers import make_pair, outputs_and_grads  # noqa: E402
+
+if "triton" not in available_backends():  # importable triton, but the backend failed to register: a real failure
+    raise RuntimeError("triton is importable but fusedrnn's triton backend did not register")
+
+from fusedrnn.triton import launch  # noqa: E402
+
+INTERPRETING = launch.interpreting()
+interp_only = pytest.mark.skipif(not INTERPRETING, reason="interpreter tests: run by test_interpreter_suite "
+                                 "(or directly with TRITON_INTERPRET=1)")
+MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+G = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+NN = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+
+
+def test_interpreter_suite():
+    """Runs this file's interpreter tests in a fresh process with TRITON_INTERPRET=1 (they skip in this one)."""
+    if INTERPRETING:
+        pytest.skip("already interpreting: the interpreter tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("FUSEDRNN_BACKEND", None)
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not requires_cuda",
+                        os.path.join(here, "test_triton.py")], env=env, cwd=os.path.dirname(here),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layer-op level: fusedrnn.triton.launch against fusedrnn.reference (float64)
+
+def _layer_case(mode, T, B, I, H, D, has_biases, lengths, seed=0):
+    """Random inputs of one layer in float64: x [N, I], batch_sizes, hx, cx, weights, and upstream grads."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(lengths, reverse=True)
+    bs = torch.tensor([sum(1 for L in lengths if L > t) for t in range(T)], dtype=torch.int64)
+    N = int(bs.sum())
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    k = H ** -0.5
+    weights = []
+    for _ in range(D):
+        weights += [r(G[mode] * H, I) * k, r(G[mode] * H, H) * k]
+        if has_biases:
+            weights += [r(G[mode] * H) * k, r(G[mode] * H) * k]
+    cx = r(D, B, H) if mode == "lstm" else None
+    grads = (r(N, D * H), r(D, B, H), r(D, B, H) if mode == "lstm" else torch.zeros(0, dtype=torch.float64))
+    return dict(x=r(N, I), batch_sizes=bs, hx=r(D, B, H), cx=cx, weights=weights), grads
+
+
+def _cast(case, dtype):
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return dict(x=c(case["x"]), batch_sizes=case["batch_sizes"], hx=c(case["hx"]), cx=c(case["cx"]),
+                weights=[c(w) for w in case["weights"]])
+
+
+def _run_layer(fwd, bwd, mode, case, grads, has_biases, D, dtype, **kw):
+    a = _cast(case, dtype)
+    y, hy, cy, res = fwd(mode, a["x"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], has_biases, D, True, **kw)
+    gy, ghy, gcy = (t.to(dtype) for t in grads)
+    gx, ghx, gcx, gws = bwd(mode, gy, ghy, gcy, a["x"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], has_biases,
+                            D, y, res, **kw)
+    return [y, hy, cy, res], [gx, ghx, gcx, *gws]
+
+
+# (T, B, lengths): padded, packed with variable lengths (incl. length-1 sequences), one step (a cell call)
+SEQS = {"padded": (4, 3, [4, 4, 4]), "packed": (5, 4, [5, 3, 3, 1]), "T1": (1, 2, [1, 1])}
+
+
+@interp_only
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seq", list(SEQS))
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+def test_layer_vs_reference_fp32(mode, seq, D):
+    """float32 kernels vs the float64 reference: y, hy, cy, reserve, and every gradient. H=20 with 16-wide tiles:
+    two hidden tiles and two K tiles per step, the second one masked (the streaming path)."""
+    T, B, lengths = SEQS[seq]
+    has_biases = not (seq == "T1" and D == 1)   # one no-bias case per mode
+    case, grads = _layer_case(mode, T, B, I=7, H=20, D=D, has_biases=has_biases, lengths=lengths)
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, has_biases, D, torch.float64)
+    out_f, out_b = _run_layer(launch.forward, launch.backward, mode, case, grads, has_biases, D, torch.float32,
+                              blocks=(16, 16, 16, 4))
+    assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
+    assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
+
+
+@interp_only
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_layer_two_batch_blocks(mode):
+    """B=18 > BLOCK_B=16: two programs per direction, the second one partly masked; default block choice."""
+    T, B = 2, 18
+    lengths = [2] * 10 + [1] * 8
+    case, grads = _layer_case(mode, T, B, I=3, H=8, D=2, has_biases=True, lengths=lengths, seed=4)
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, True, 2, torch.float64)
+    out_f, out_b = _run_layer(launch.forward, launch.backward, mode, case, grads, True, 2, torch.float32)
+    assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
+    assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
+
+
+@interp_only
+def test_layer_inference_and_empty_reserve():
+    """train=False: no reserve, same outputs as train=True."""
+    case, _ = _layer_case("gru", 3, 2, 4, 16, 1, True, [3, 2])
+    a = _cast(case, torch.float32)
+    y0, hy0, cy0, res0 = launch.forward("gru", a["x"], a["batch_sizes"], a["hx"], None, a["weights"], True, 1, False)
+    y1, hy1, _, _ = launch.forward("gru", a["x"], a["batch_sizes"], a["hx"], None, a["weights"], True, 1, True)
+    assert res0.numel() == 0 and cy0.numel() == 0
+    assert torch.equal(y0, y1) and torch.equal(hy0, hy1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# module level, through torch.ops.fusedrnn.rnn_layer (the path users take)
+
+MODULE_CELLS = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"})]
+
+
+@interp_only
+@pytest.mark.parametrize("cell", MODULE_CELLS, ids=lambda c: c[0] + c[1].get("nonlinearity", ""))
+def test_module_packed_bidirectional_fp32(cell):
+    """fusedrnn.<Module>(backend="triton"), 2 layers, bidirectional, unsorted packed input, vs torch.nn in float64."""
+    kind, kw = cell
+    ref, ours = make_pair(kind, 3, 8, num_layers=2, bidirectional=True, backend="triton", dtype=torch.float32, **kw)
+    ref.double()
+    make32, make64 = _lp_inputs(4, 3, 3, [2, 4, 1], torch.float32)
+    o, g = outputs_and_grads(ours, make32)
+    o_ref, g_ref = outputs_and_grads(ref, make64)
+    assert_close_all(o, o_ref, torch.float32, f"{kind} outputs")
+    assert_close_all(g, g_ref, torch.float32, f"{kind} grads")
+
+
+def _lp_inputs(T, B, I, lengths, dtype, device="cpu"):
+    """make_input factories (see helpers.outputs_and_grads) for the same packed input in `dtype` and, exactly the
+    same values, in float64."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    base = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def factory(dt):
+        def make():
+            x = base.to(device, dt).requires_grad_()
+            return pack_padded_sequence(x, lengths, enforce_sorted=False), [x]
+        return make
+    return factory(dtype), factory(torch.float64)
+
+
+def _check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, layers=1):
+    """ours (triton) and torch.nn in `dtype`, both against torch.nn in float64 run on the same (rounded) parameters
+    and inputs."""
+    import copy
+
+    nn_lp, ours = make_pair(kind, I, H, num_layers=layers, bidirectional=True, backend="triton", dtype=dtype, **kw)
+    nn_lp, ours = nn_lp.to(device), ours.to(device)
+    nn64 = copy.deepcopy(nn_lp).double()
+    make_lp, make64 = _lp_inputs(T, B, I, lengths, dtype, device)
+    o, g = outputs_and_grads(ours, make_lp)
+    o_lp, g_lp = outputs_and_grads(nn_lp, make_lp)
+    o64, g64 = outputs_and_grads(nn64, make64)
+    assert_low_precision(o, o_lp, o64, f"{kind} {dtype} outputs")
+    assert_low_precision(g, g_lp, g64, f"{kind} {dtype} grads")
+
+
+@interp_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", MODULE_CELLS[:2], ids=["LSTM", "GRU"])
+def test_module_low_precision_2x_rule(cell, dtype):
+    """fp16/bf16: our error vs float64 at most 2x torch.nn's own error in the same dtype (torch.nn on the CPU)."""
+    kind, kw = cell
+    _check_2x_rule(kind, kw, 4, 16, 5, 3, [5, 2, 4], dtype, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# backend contract
+
+def test_supports():
+    b = get_backend("triton")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not b.supports(cuda, torch.float32, "lstm", True), "proj_size must go to another backend"
+    assert not b.supports(cuda, torch.float64, "gru", False)
+    assert b.supports(cpu, torch.float32, "lstm", False) == INTERPRETING
+    for mode in MODES:
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            assert b.supports(cuda, dt, mode, False) == (not INTERPRETING)
+
+
+def test_proj_size_rejected():
+    """A direct call with projection weights must fail loudly, never compute something else."""
+    case, _ = _layer_case("lstm", 2, 1, 3, 4, 1, False, [2])
+    w = [t.float() for t in case["weights"]] + [torch.zeros(2, 4)]
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        launch.forward("lstm", case["x"].float(), case["batch_sizes"], case["hx"].float()[..., :2],
+                       case["cx"].float(), w, False, 1, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA: not runnable on a CPU-only machine; the same comparisons at real sizes
+
+GPU_SHAPES = [(7, 5, 12, 32, [7, 7, 4, 2, 1]), (16, 33, 40, 100, None), (6, 4, 64, 1024, [6, 5, 5, 3])]
+
+
+def _gpu_id(s):
+    return f"T{s[0]}-B{s[1]}-I{s[2]}-H{s[3]}" + ("-packed" if s[4] else "")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_gpu_id)
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+def test_cuda_layer_fp32(mode, shape, D):
+    T, B, I, H, lengths = shape
+    case, grads = _layer_case(mode, T, B, I, H, D, True, lengths or [T] * B)
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, True, D, torch.float64)
+    cuda_case = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v) for k, v in case.items()}
+    cuda_case["weights"] = [w.cuda() for w in case["weights"]]
+    out_f, out_b = _run_layer(launch.forward, launch.backward, mode, cuda_case, [t.cuda() for t in grads], True, D,
+                              torch.float32)
+    assert_close_all([t.cpu() for t in out_f], ref_f, torch.float32, f"{mode} forward")
+    assert_close_all([t.cpu() for t in out_b], ref_b, torch.float32, f"{mode} backward")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", MODULE_CELLS, ids=lambda c: c[0] + c[1].get("nonlinearity", ""))
+@pytest.mark.parametrize("H", [64, 512])
+def test_cuda_low_precision_2x_rule(cell, dtype, H):
+    """fp16/bf16 on CUDA: our error vs float64 at most 2x torch.nn's (cuDNN) in the same dtype."""
+    kind, kw = cell
+    _check_2x_rule(kind, kw, 32, H, 20, 8, [20, 20, 17, 9, 9, 5, 2, 1], dtype, "cuda", layers=2)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_compile_fullgraph():
+    """torch.compile(fullgraph=True) over the op with the triton backend, forward and backward."""
+    ref, ours = make_pair("LSTM", 16, 32, backend="triton", dtype=torch.float32)
+    ours = ours.cuda()
+    x = torch.randn(6, 4, 16, device="cuda", requires_grad=True)
+    eager = ours(x)[0]
+    compiled = torch.compile(ours, fullgraph=True)(x)[0]
+    assert torch.allclose(eager, compiled, atol=1e-6)
+    compiled.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.slow
+def test_cuda_benchmark_hook():
+    """The benchmark hook runs and reports finite times for triton and torch.nn (cuDNN)."""
+    from fusedrnn.triton import bench
+
+    rows = bench.run([("lstm", 64, 16, 256, 256, torch.float16)], warmup=2, iters=5)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["triton_fwd_ms"] > 0 and r["cudnn_fwd_ms"] > 0 and r["triton_fwdbwd_ms"] > 0
+    assert r["max_rel_err_vs_cudnn"] < 5e-2, r
