@@ -71,10 +71,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve):
-    if not ctx.train:
-        raise RuntimeError("fusedrnn: this forward ran with train=False and saved nothing for backward; "
-                           "call the module with autograd enabled")
     x, batch_sizes, hx, cx, y, reserve, *weights = ctx.saved_tensors
+    if not ctx.train:  # the forward kept no reserve (the modules never do this): recompute it
+        y, _, _, reserve = torch.ops.fusedrnn.rnn_layer(ctx.mode, x, batch_sizes, hx, cx, weights, ctx.has_biases,
+                                                        ctx.num_directions, True, ctx.backend)
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     if grad_hy is None:

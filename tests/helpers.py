@@ -1,0 +1,72 @@
+"""Running a torch.nn module and a fusedrnn module on the same input and collecting outputs and gradients."""
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fusedrnn
+
+NN_CLASS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell,
+            "RNNCell": nn.RNNCell}
+
+
+def make_pair(kind, *args, backend="auto", dtype=torch.float64, seed=0, **kwargs):
+    """torch.nn module and fusedrnn module with identical parameters (same seed, then state_dict copied)."""
+    torch.manual_seed(seed)
+    ref = NN_CLASS[kind](*args, **kwargs).to(dtype)
+    ours = getattr(fusedrnn, kind)(*args, backend=backend, **kwargs).to(dtype)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def flatten_out(out):
+    """Module output -> flat list of tensors (PackedSequence -> its data)."""
+    if isinstance(out, PackedSequence):
+        return [out.data]
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in flatten_out(o)]
+
+
+def outputs_and_grads(module, make_input, hx=None, seed=1):
+    """Forward with fresh leaf copies of the input/hx, then backward of a fixed random projection of every output.
+    Returns (outputs, grads of input leaves, grads of parameters)."""
+    inp, leaves = make_input()
+    hx_leaves = []
+    if hx is not None:
+        if isinstance(hx, tuple):
+            hx = tuple(h.detach().clone().requires_grad_() for h in hx)
+            hx_leaves = list(hx)
+        else:
+            hx = hx.detach().clone().requires_grad_()
+            hx_leaves = [hx]
+    out = module(inp) if hx is None else module(inp, hx)
+    outs = flatten_out(out)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)).sum()
+               for o in outs)
+    params = [p for p in module.parameters()]
+    wrt = leaves + hx_leaves + params
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+    grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
+    return [o.detach() for o in outs], grads
+
+
+def sequence_input(kind_input, T, B, I, batch_first, dtype, seed=2, device="cpu"):
+    """A factory for the input variants: 'padded', 'packed_sorted', 'packed_unsorted', 'unbatched'."""
+    g = torch.Generator().manual_seed(seed)
+    if kind_input == "unbatched":
+        base = torch.randn(T, I, generator=g, dtype=torch.float64).to(device, dtype)
+    else:
+        shape = (B, T, I) if batch_first else (T, B, I)
+        base = torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+    lengths = [max(1, T - (2 * k) % T) for k in range(B)] if B else []
+    if kind_input == "packed_sorted":
+        lengths = sorted(lengths, reverse=True)
+
+    def make():
+        x = base.clone().requires_grad_()
+        if kind_input.startswith("packed"):
+            return pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                        enforce_sorted=kind_input == "packed_sorted"), [x]
+        return x, [x]
+    return make

@@ -1,0 +1,101 @@
+"""Every backend against torch.nn in float64: outputs and every gradient (input, h0, c0, each parameter), over all
+combinations of the module flags and input kinds. Parametrised over the available backends, so a new backend is held
+to the same suite as soon as it registers."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import assert_close_all, conformance_backends
+from helpers import make_pair, outputs_and_grads, sequence_input
+
+T, B, I, H, PROJ = 5, 3, 4, 6, 3
+CELLS = [("LSTM", {}), ("LSTM", {"proj_size": PROJ}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}),
+         ("RNN", {"nonlinearity": "relu"})]
+INPUTS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
+
+
+def _id(v):
+    kind, kw = v
+    return kind + "".join(f"-{k}{w}" for k, w in kw.items())
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("cell", CELLS, ids=_id)
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, False), (1, True), (2, True)],
+                         ids=["L1", "L2", "L1-bi", "L2-bi"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tmajor", "bfirst"])
+def test_sequence_modules(backend, cell, layers, bidirectional, bias, batch_first):
+    kind, kw = cell
+    ref, ours = make_pair(kind, I, H, num_layers=layers, bidirectional=bidirectional, bias=bias,
+                          batch_first=batch_first, backend=backend, **kw)
+    D = 2 if bidirectional else 1
+    P = kw.get("proj_size", H)
+    for inp_kind, with_hx in itertools.product(INPUTS, [False, True]):
+        batched = inp_kind != "unbatched"
+        hx = None
+        if with_hx:
+            g = torch.Generator().manual_seed(3)
+            shape = (layers * D, B) if batched else (layers * D,)
+            h0 = torch.randn(*shape, P, generator=g, dtype=torch.float64)
+            hx = (h0, torch.randn(*shape, H, generator=g, dtype=torch.float64)) if kind == "LSTM" else h0
+        make = sequence_input(inp_kind, T, B, I, batch_first, torch.float64)
+        o_ref, g_ref = outputs_and_grads(ref, make, hx)
+        o_ours, g_ours = outputs_and_grads(ours, make, hx)
+        what = f"{inp_kind} hx={with_hx}"
+        assert_close_all(o_ours, o_ref, torch.float64, what + " outputs")
+        assert_close_all(g_ours, g_ref, torch.float64, what + " grads")
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("kind,kw", [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "tanh"}),
+                                     ("RNNCell", {"nonlinearity": "relu"})])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_cells(backend, kind, kw, bias, batched):
+    ref, ours = make_pair(kind, I, H, bias=bias, backend=backend, **kw)
+    g = torch.Generator().manual_seed(4)
+    shape = (B,) if batched else ()
+    x = torch.randn(*shape, I, generator=g, dtype=torch.float64)
+    h = torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    for hx in (None, (h, h * 0.5) if kind == "LSTMCell" else h):
+        def make():
+            leaf = x.clone().requires_grad_()
+            return leaf, [leaf]
+        o_ref, g_ref = outputs_and_grads(ref, make, hx)
+        o_ours, g_ours = outputs_and_grads(ours, make, hx)
+        assert_close_all(o_ours, o_ref, torch.float64, "outputs")
+        assert_close_all(g_ours, g_ref, torch.float64, "grads")
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_long_packed_with_length_one_sequences(backend, kind):
+    """Lengths with ties, length-1 sequences and a big spread, bidirectional, two layers."""
+    ref, ours = make_pair(kind, I, H, num_layers=2, bidirectional=True, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 6, I, generator=g, dtype=torch.float64)
+    lengths = [23, 1, 9, 9, 1, 17]
+
+    def make():
+        leaf = x.clone().requires_grad_()
+        return torch.nn.utils.rnn.pack_padded_sequence(leaf, lengths, enforce_sorted=False), [leaf]
+    o_ref, g_ref = outputs_and_grads(ref, make)
+    o_ours, g_ours = outputs_and_grads(ours, make)
+    assert_close_all(o_ours, o_ref, torch.float64, "outputs")
+    assert_close_all(g_ours, g_ref, torch.float64, "grads")
+
+
+@pytest.mark.parametrize("backend", conformance_backends(dtype=torch.float32))
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("LSTM", {"proj_size": PROJ}), ("GRU", {}), ("RNN", {})])
+def test_float32_against_float64(backend, kind, kw):
+    """float32 results agree with the float64 torch.nn result to float32 rounding (TOLERANCE[float32])."""
+    ref, ours = make_pair(kind, I, H, num_layers=2, bidirectional=True, backend=backend, **kw)
+    ours = ours.float()
+    make64 = sequence_input("packed_unsorted", 12, 4, I, False, torch.float64)
+    make32 = sequence_input("packed_unsorted", 12, 4, I, False, torch.float32)
+    o_ref, g_ref = outputs_and_grads(ref, make64)
+    o_ours, g_ours = outputs_and_grads(ours, make32)
+    assert_close_all(o_ours, o_ref, torch.float32, "outputs")
+    assert_close_all(g_ours, g_ref, torch.float32, "grads")

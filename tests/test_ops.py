@@ -1,0 +1,113 @@
+"""The custom ops themselves: gradcheck against finite differences, torch.library.opcheck (schema, fake tensor,
+autograd registration, AOT dispatch), and torch.compile(fullgraph=True) of models holding the modules."""
+import pytest
+import torch
+from torch import nn
+
+import fusedrnn
+from conftest import conformance_backends
+from fusedrnn.reference import split_weights  # noqa: F401  (the layout helper the ops' docs refer to)
+
+MODES = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def layer_args(mode, D=2, packed=True, train=True, backend="reference", dtype=torch.float64, seed=0):
+    """Random arguments for torch.ops.fusedrnn.rnn_layer: I=3, H=4, P=2 with projection, B=3, T=4."""
+    g = torch.Generator().manual_seed(seed)
+    proj = mode == "lstm_proj"
+    mode = "lstm" if proj else mode
+    G = {"lstm": 4, "gru": 3}.get(mode, 1)
+    I, H, B = 3, 4, 3
+    P = 2 if proj else H
+    bs = torch.tensor([3, 3, 2, 1] if packed else [3] * 4, dtype=torch.int64)
+    N = int(bs.sum())
+
+    def r(*s):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    weights = []
+    for _ in range(D):
+        weights += [r(G * H, I), r(G * H, P), r(G * H), r(G * H)] + ([r(P, H)] if proj else [])
+    cx = r(D, B, H) if mode == "lstm" else None
+    return (mode, r(N, I), bs, r(D, B, P), cx, weights, True, D, train, backend)
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("D", [1, 2])
+def test_gradcheck(mode, D, backend):
+    args = layer_args(mode, D=D, backend=backend)
+
+    def f(x, hx, cx, *weights):
+        y, hy, cy, _ = torch.ops.fusedrnn.rnn_layer(args[0], x, args[2], hx, cx, list(weights), True, D, True,
+                                                    backend)
+        return (y, hy, cy) if args[0] == "lstm" else (y, hy)
+    assert torch.autograd.gradcheck(f, (args[1], args[3], args[4], *args[5]), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck_forward_and_backward_ops(mode, backend):
+    args = layer_args(mode, backend=backend)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args[:8] + (False, backend))
+    y, hy, cy, reserve = torch.ops.fusedrnn.rnn_layer(*args)
+    bargs = (args[0], torch.randn_like(y), torch.randn_like(hy), torch.randn_like(cy), *[
+        a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:5]],
+        [w.detach() for w in args[5]], args[6], args[7], y.detach(), reserve.detach(), backend)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, bargs)
+
+
+class _Model(nn.Module):
+    def __init__(self, kind, **kw):
+        super().__init__()
+        self.rnn = getattr(fusedrnn, kind)(5, 6, **kw)
+        D = 2 if kw.get("bidirectional") else 1
+        self.head = nn.Linear(D * kw.get("proj_size", 6), 3)
+        self.cell = fusedrnn.GRUCell(3, 6)
+
+    def forward(self, x):
+        y, h = self.rnn(x)
+        out = self.head(y)
+        s = self.cell(out[-1] if not self.rnn.batch_first else out[:, -1])
+        hs = h if isinstance(h, torch.Tensor) else h[0]
+        return out.sum() + s.sum() + hs.sum()
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {"num_layers": 2, "bidirectional": True}),
+                                     ("LSTM", {"proj_size": 2, "batch_first": True}), ("GRU", {}),
+                                     ("RNN", {"nonlinearity": "relu", "num_layers": 2})])
+def test_compile_fullgraph_matches_eager(kind, kw):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Model(kind, **kw).double()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for shape in [(7, 3, 5), (4, 2, 5)]:  # a second shape exercises dynamic T and B without recompiling per size
+        x = torch.randn(*shape, dtype=torch.float64)
+        le = model(x)
+        lc = compiled(x)
+        params = list(model.parameters())
+        ge = torch.autograd.grad(le, params)
+        gc = torch.autograd.grad(lc, params)
+        torch.testing.assert_close(lc, le)
+        for a, b in zip(gc, ge):
+            torch.testing.assert_close(a, b)
+
+
+def test_compile_with_inductor_fullgraph():
+    torch._dynamo.reset()
+    model = _Model("LSTM", num_layers=2).double()
+    x = torch.randn(5, 2, 5, dtype=torch.float64)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_backward_without_saved_reserve_is_a_clear_error():
+    args = layer_args("gru")
+    with torch.no_grad():
+        out = torch.ops.fusedrnn.rnn_layer(*args[:8], False, "reference")
+    assert out[3].numel() == 0
+    with pytest.raises(RuntimeError, match="reserve"):
+        torch.ops.fusedrnn.rnn_layer_backward(args[0], out[0], out[1], torch.zeros(0, dtype=torch.float64),
+                                              args[1].detach(), args[2], args[3].detach(), None,
+                                              [w.detach() for w in args[5]], True, 2, out[0], out[3],
+                                              "reference")
