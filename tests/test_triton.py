@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install triton): the triton backend is not built")
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): the triton backend is not built")
 
 import fusedrnn  # noqa: E402
 import fusedrnn.reference as reference  # noqa: E402
@@ -102,7 +102,7 @@ def test_layer_vs_reference_fp32(mode, seq, D):
     case, grads = _layer_case(mode, T, B, I=7, H=20, D=D, has_biases=has_biases, lengths=lengths)
     ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, has_biases, D, torch.float64)
     out_f, out_b = _run_layer(launch.forward, launch.backward, mode, case, grads, has_biases, D, torch.float32,
-                              blocks=(16, 16, 16, 4))
+                              blocks=(16, 16, 16, 4, 1))
     assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
     assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
 
@@ -212,6 +212,55 @@ def test_proj_size_rejected():
     with pytest.raises(NotImplementedError, match="proj_size"):
         launch.forward("lstm", case["x"].float(), case["batch_sizes"], case["hx"].float()[..., :2],
                        case["cx"].float(), w, False, 1, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: Triton compiles the kernels to cubin (ptxas ships with triton) for a target
+
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _compile_for(kernel, const, opts, dtype, arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for a in kernel.arg_names:
+        if a in const:
+            sig[a] = "constexpr"
+        elif a in ("p_bs", "p_offs"):
+            sig[a] = "*i32"
+        elif a.startswith("p_"):
+            sig[a] = "*fp32" if a.endswith("buf") else "*" + _TL_DTYPE[dtype]
+        else:
+            sig[a] = "i32"
+    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the compiler")
+@pytest.mark.parametrize("mode,dtype,H,arch", [("lstm", torch.bfloat16, 1024, 90), ("lstm", torch.float32, 1024, 90),
+                                               ("gru", torch.float16, 256, 90), ("rnn_relu", torch.float32, 64, 90),
+                                               ("lstm", torch.float16, 512, 80)],
+                         ids=["lstm-bf16-sm90", "lstm-fp32-sm90", "gru-fp16-sm90", "rnn_relu-fp32-sm90",
+                              "lstm-fp16-sm80"])
+def test_gpu_codegen(mode, dtype, H, arch):
+    """The launcher's exact compile-time configuration builds for NVIDIA targets (no GPU needed), with the step
+    barriers and tensor-core / FMA dots in the PTX. Catches Triton-language errors the interpreter lets through."""
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("triton's NVIDIA backend is not installed")
+    import fusedrnn.triton.kernels as K
+
+    for kernel, (const, opts) in ((K.rnn_fwd_kernel, launch.fwd_constexprs(mode, 2, True, True, H, dtype)),
+                                  (K.rnn_bwd_kernel, launch.bwd_constexprs(mode, 2, H, dtype))):
+        k = _compile_for(kernel, const, opts, dtype, arch)
+        ptx = k.asm["ptx"]
+        assert len(k.asm["cubin"]) > 0
+        assert ptx.count("bar.sync") + ptx.count("barrier.sync") >= 2, "step barriers missing"
+        assert "ld.global.cg" in ptx, "scratch loads must bypass L1"
+        if dtype != torch.float32:
+            assert "mma" in ptx, "16-bit dots should use tensor cores"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
