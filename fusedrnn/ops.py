@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import debug
 from .backends import GATES, get_backend
 from .reference import RESERVE_WIDTH
 
@@ -23,8 +24,12 @@ def rnn_layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optiona
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [N, I], batch_sizes [T] (int64, CPU), hx [D, B, P], cx [D, B, H] (LSTM) or None, weights per direction
     (w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> y [N, D*P], hy [D, B, P], cy [D, B, H] or [0], reserve [D, N, R] or [0]."""
-    return tuple(get_backend(backend).forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions,
-                                              train))
+    out = tuple(get_backend(backend).forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions,
+                                             train))
+    if debug.nan_fill_enabled():  # FUSEDRNN_DEBUG_NAN=1: outputs were NaN-filled; none may stay unwritten
+        debug.check_written(backend, "rnn_layer", [x, hx, cx, weights],
+                            {"y": out[0], "hy": out[1], "cy": out[2], "reserve": out[3]})
+    return out
 
 
 def _hidden_size(mode: str, weights) -> int:
@@ -51,6 +56,9 @@ def rnn_layer_backward(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tens
     grad_cx [D, B, H] or [0], weight grads shaped as `weights`."""
     gx, ghx, gcx, gws = get_backend(backend).backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx,
                                                       weights, has_biases, num_directions, y, reserve)
+    if debug.nan_fill_enabled():
+        debug.check_written(backend, "rnn_layer_backward", [grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve],
+                            {"grad_x": gx, "grad_hx": ghx, "grad_cx": gcx, "grad_weights": list(gws)})
     return gx, ghx, gcx, list(gws)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import debug
 from ..backends import GATES, Backend, register_backend
 
 RESERVE_WIDTH = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}  # in units of H
@@ -106,8 +107,8 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
     N, D, P = x.shape[0], num_directions, hx.shape[2]
     groups = split_weights(weights, has_biases, D)
     H = groups[0][1].shape[0] // GATES[mode]
-    y = x.new_empty(N, D * P)
-    reserve = x.new_empty(D, N, RESERVE_WIDTH[mode] * H) if train else x.new_empty(0)
+    y = debug.empty((N, D * P), x)  # outputs and workspaces: NaN-filled under FUSEDRNN_DEBUG_NAN=1
+    reserve = debug.empty((D, N, RESERVE_WIDTH[mode] * H), x) if train else x.new_empty(0)
     hys, cys = [], []
     for d, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(groups):
         x_proj = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x @ w_ih.t()
@@ -142,10 +143,11 @@ def _backward_direction(mode, bs, offs, reverse, grad_y, grad_hy, grad_cy, h_pre
     dgh [N, G*H] (w.r.t. h_prev W_hh^T + b_hh), dh0 [B, P], dc0 [B, H] | None, dy_total [N, P])."""
     T, N = len(bs), grad_y.shape[0]
     H = w_hh.shape[0] // GATES[mode]
-    dgi = grad_y.new_empty(N, GATES[mode] * H)
-    dgh = dgi if mode != "gru" else torch.empty_like(dgi)
-    dy_total = torch.empty_like(grad_y)
-    dh0, dc0 = torch.zeros_like(grad_hy), (torch.zeros_like(grad_cy) if mode == "lstm" else None)
+    dgi = debug.empty((N, GATES[mode] * H), grad_y)
+    dgh = dgi if mode != "gru" else debug.empty_like(dgi)
+    dy_total = debug.empty_like(grad_y)
+    # every row of dh0/dc0 is written below (the steps' row ranges cover 0..B-1), so no zero fill
+    dh0, dc0 = debug.empty_like(grad_hy), (debug.empty_like(grad_cy) if mode == "lstm" else None)
     dh = grad_hy[:0]
     dc = grad_cy[:0] if mode == "lstm" else None
     steps = range(T) if reverse else range(T - 1, -1, -1)
