@@ -122,7 +122,7 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
     cy = torch.empty(D, B, H, device=dev, dtype=dt) if is_lstm else x.new_empty(0)
     R = _RES[mode] * H
     reserve = torch.empty(D, N, R, device=dev, dtype=dt) if train else x.new_empty(0)
-    if T == 0:
+    if T == 0 or N == 0 or B == 0:
         hy.copy_(hx)
         if is_lstm:
             cy.copy_(cx)
@@ -158,7 +158,7 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
     grad_y = grad_y.contiguous()
     grad_hx = torch.empty(D, B, H, device=dev, dtype=dt)
     grad_cx = torch.empty(D, B, H, device=dev, dtype=dt) if is_lstm else x.new_empty(0)
-    if T == 0:
+    if T == 0 or N == 0 or B == 0:
         grad_hx.copy_(grad_hy)
         if is_lstm:
             grad_cx.copy_(grad_cy)
