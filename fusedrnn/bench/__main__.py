@@ -16,12 +16,18 @@ from .progress import Progress
 PRESETS = {
     # rounds (max), min_rounds, warmup, budget_s of timed calls per (case, mode)
     "quick": dict(rounds=5, min_rounds=3, warmup=1, budget_s=2.0),
-    "full": dict(rounds=21, min_rounds=5, warmup=2, budget_s=20.0),
+    "full": dict(rounds=15, min_rounds=5, warmup=2, budget_s=10.0),
 }
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m fusedrnn.bench", description=__doc__ or "fusedrnn benchmark")
+    p = argparse.ArgumentParser(
+        prog="python -m fusedrnn.bench",
+        description="Benchmark every available fusedrnn backend against torch.nn (cuDNN on CUDA, oneDNN/ATen on "
+                    "the CPU): interleaved timing, GFLOP/s, memory, errors vs float64; writes report.md, "
+                    "results.json and plots into --out.",
+        epilog="Also: python -m fusedrnn.bench.readme RESULTS.json (README section), "
+               "python -m fusedrnn.bench.compare OLD.json NEW.json.")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small grid, few rounds (a few minutes on a 2-core CPU)")
     g.add_argument("--full", action="store_true", help="the whole grid (default)")

@@ -103,8 +103,10 @@ def make_inputs(case: Case, device, dtype, *, x_grad: bool, h_grad: bool = False
                 gen: torch.Generator | None = None) -> dict:
     """Fresh random inputs: x ([T, B, I], or PackedSequence data [N, I]), hx [L*D, B, P], cx [L*D, B, H]."""
     def rnd(*shape):
-        t = torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-        return t
+        if gen is None:  # timing: straight on the device
+            return torch.randn(*shape, device=device, dtype=dtype)
+        # error check: reproducible values, the same whatever the device
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
     LD = case.layers * case.D
     if case.packed:
@@ -214,6 +216,7 @@ def run_case(case: Case, impl_names: list[str], device: torch.device, settings: 
              factories: dict[str, Callable], gemm_peak_gflops: float | None, primary: str | None,
              seed: int = 0, on_step: Callable[[str], None] | None = None) -> list[dict]:
     """All rows (one per mode) of one case."""
+    t_case = time.perf_counter()
     dtype = dtype_of(case.dtype)
     impls: dict[str, dict] = {}
     modules: dict[str, nn.Module] = {}
@@ -255,7 +258,9 @@ def run_case(case: Case, impl_names: list[str], device: torch.device, settings: 
         times: dict[str, list[float]] = {}
         while live:
             try:
-                times.update(timing.interleaved(live, rounds=settings.rounds, warmup=settings.warmup,
+                # the memory measurement already made one untimed call of each
+                warmup = max(settings.warmup - 1, 0) if settings.memory else settings.warmup
+                times.update(timing.interleaved(live, rounds=settings.rounds, warmup=warmup,
                                                 min_rounds=settings.min_rounds, budget_s=settings.budget_s,
                                                 clock=settings.clock, sync=sync))
                 break
@@ -288,6 +293,8 @@ def run_case(case: Case, impl_names: list[str], device: torch.device, settings: 
         rows.append({"case_id": case.id, "mode": mode, "case": case.as_dict(), "tokens": case.tokens,
                      "flops": flops, "target": target, "met": met,
                      "impls": {n: row_impls[n] for n in order if n in row_impls}})
+    for r in rows:  # what the case cost the run, checks and timing together
+        r["wall_s"] = time.perf_counter() - t_case
     return rows
 
 

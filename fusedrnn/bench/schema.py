@@ -30,6 +30,7 @@ Top level (a dict):
             errors       {tensor name: relative error}
         }}
         met           bool | null: speedup of primary_backend >= target
+        wall_s        seconds the whole case (error check, memory, timing; all modes) took in this run
 """
 from __future__ import annotations
 
