@@ -1,0 +1,347 @@
+// Vectorised gate passes and small-batch matrix-vector kernels. Included by kernels_default.cpp and
+// kernels_avx2.cpp, which define CPU_CAPABILITY (and set the target) first; everything lands in
+// fusedrnn::cpu::CPU_CAPABILITY so the two builds never share a symbol.
+//
+// Dimension letters: b rows alive at this step, H hidden size, G gates, K inner dimension, NR weight rows,
+// V vector width (Vectorized<T>::size()), NB batch rows held in registers by a micro-kernel.
+// Gate g of hidden unit k sits in column g*H + k (torch.nn order: LSTM i,f,g,o; GRU r,z,n).
+#pragma once
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+
+namespace fusedrnn::cpu::CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp_u20());
+}
+
+template <typename T>
+inline Vec<T> ld(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void st(const Vec<T>& v, T* p, int64_t n) {
+  if (n == Vec<T>::size()) v.store(p); else v.store(p, n);
+}
+
+// ---- gate passes ------------------------------------------------------------------------------------------------
+
+template <typename T>
+void lstm_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t H = a.H;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* p = a.pre + j * a.ld_pre;
+    T* c = a.c + j * a.ld_c;
+    T* out = a.out + j * a.ld_out;
+    T* out2 = a.out2 ? a.out2 + j * a.ld_out2 : nullptr;
+    T* r = a.res ? a.res + j * a.ld_res : nullptr;
+    for (int64_t k = k0; k < k1; k += V) {
+      const int64_t n = std::min(V, k1 - k);
+      const Vec<T> gi = sigmoid(ld(p + k, n));
+      const Vec<T> gf = sigmoid(ld(p + H + k, n));
+      const Vec<T> gg = ld(p + 2 * H + k, n).tanh();
+      const Vec<T> go = sigmoid(ld(p + 3 * H + k, n));
+      const Vec<T> cn = at::vec::fmadd(gf, ld(c + k, n), gi * gg);
+      const Vec<T> h = go * cn.tanh();
+      st(cn, c + k, n);
+      st(h, out + k, n);
+      if (out2) st(h, out2 + k, n);
+      if (r) {
+        st(gi, r + k, n);
+        st(gf, r + H + k, n);
+        st(gg, r + 2 * H + k, n);
+        st(go, r + 3 * H + k, n);
+        st(cn, r + 4 * H + k, n);
+      }
+    }
+  }
+}
+
+template <typename T>
+void lstm_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t H = a.H;
+  const Vec<T> one(T(1));
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* dhp = a.dh + j * a.ld_dh;
+    const T* dh2 = a.dh2 ? a.dh2 + j * a.ld_dh2 : nullptr;
+    const T* r = a.res + j * a.ld_res;
+    const T* cp = a.prev.row(j);
+    T* dc = a.dc + j * a.ld_dc;
+    T* dg = a.dg + j * a.ld_dg;
+    for (int64_t k = k0; k < k1; k += V) {
+      const int64_t n = std::min(V, k1 - k);
+      Vec<T> dh = ld(dhp + k, n);
+      if (dh2) dh = dh + ld(dh2 + k, n);
+      const Vec<T> gi = ld(r + k, n), gf = ld(r + H + k, n), gg = ld(r + 2 * H + k, n), go = ld(r + 3 * H + k, n);
+      const Vec<T> tc = ld(r + 4 * H + k, n).tanh();
+      const Vec<T> dcv = at::vec::fmadd(dh * go, one - tc * tc, ld(dc + k, n));
+      st(dcv * gf, dc + k, n);
+      st(dcv * gg * gi * (one - gi), dg + k, n);
+      st(dcv * ld(cp + k, n) * gf * (one - gf), dg + H + k, n);
+      st(dcv * gi * (one - gg * gg), dg + 2 * H + k, n);
+      st(dh * tc * go * (one - go), dg + 3 * H + k, n);
+    }
+  }
+}
+
+template <typename T>
+void gru_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t H = a.H;
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* p = a.pre + j * a.ld_pre;
+    const T* hg = a.hg + j * a.ld_hg;
+    const T* hp = a.hprev.row(j);
+    T* out = a.out + j * a.ld_out;
+    T* out2 = a.out2 ? a.out2 + j * a.ld_out2 : nullptr;
+    T* res = a.res ? a.res + j * a.ld_res : nullptr;
+    for (int64_t k = k0; k < k1; k += V) {
+      const int64_t n = std::min(V, k1 - k);
+      const Vec<T> r = sigmoid(ld(p + k, n) + ld(hg + k, n));
+      const Vec<T> z = sigmoid(ld(p + H + k, n) + ld(hg + H + k, n));
+      Vec<T> hn = ld(hg + 2 * H + k, n);
+      if (a.b_hn) hn = hn + ld(a.b_hn + k, n);
+      const Vec<T> nn = at::vec::fmadd(r, hn, ld(p + 2 * H + k, n)).tanh();
+      const Vec<T> h = at::vec::fmadd(z, ld(hp + k, n) - nn, nn);
+      st(h, out + k, n);
+      if (out2) st(h, out2 + k, n);
+      if (res) {
+        st(r, res + k, n);
+        st(z, res + H + k, n);
+        st(nn, res + 2 * H + k, n);
+        st(hn, res + 3 * H + k, n);
+      }
+    }
+  }
+}
+
+template <typename T>
+void gru_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t H = a.H;
+  const Vec<T> one(T(1));
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* dhp = a.dh + j * a.ld_dh;
+    const T* dh2 = a.dh2 ? a.dh2 + j * a.ld_dh2 : nullptr;
+    const T* res = a.res + j * a.ld_res;
+    const T* hp = a.prev.row(j);
+    T* dg = a.dg + j * a.ld_dg;
+    T* dgh = a.dgh + j * a.ld_dgh;
+    T* dhprev = a.dhp + j * a.ld_dhp;
+    for (int64_t k = k0; k < k1; k += V) {
+      const int64_t n = std::min(V, k1 - k);
+      Vec<T> dh = ld(dhp + k, n);
+      if (dh2) dh = dh + ld(dh2 + k, n);
+      const Vec<T> r = ld(res + k, n), z = ld(res + H + k, n), nn = ld(res + 2 * H + k, n);
+      const Vec<T> hn = ld(res + 3 * H + k, n);
+      const Vec<T> dpn = dh * (one - z) * (one - nn * nn);
+      const Vec<T> dpr = dpn * hn * r * (one - r);
+      const Vec<T> dpz = dh * (ld(hp + k, n) - nn) * z * (one - z);
+      st(dpr, dg + k, n);
+      st(dpz, dg + H + k, n);
+      st(dpn, dg + 2 * H + k, n);
+      st(dpr, dgh + k, n);
+      st(dpz, dgh + H + k, n);
+      st(dpn * r, dgh + 2 * H + k, n);
+      st(dh * z, dhprev + k, n);
+    }
+  }
+}
+
+template <typename T, bool kRelu>
+void rnn_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  constexpr int64_t V = Vec<T>::size();
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* p = a.pre + j * a.ld_pre;
+    T* out = a.out + j * a.ld_out;
+    T* out2 = a.out2 ? a.out2 + j * a.ld_out2 : nullptr;
+    for (int64_t k = k0; k < k1; k += V) {
+      const int64_t n = std::min(V, k1 - k);
+      const Vec<T> x = ld(p + k, n);
+      const Vec<T> h = kRelu ? at::vec::clamp_min(x, Vec<T>(T(0))) : x.tanh();
+      st(h, out + k, n);
+      if (out2) st(h, out2 + k, n);
+    }
+  }
+}
+
+template <typename T, bool kRelu>
+void rnn_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+  constexpr int64_t V = Vec<T>::size();
+  const Vec<T> one(T(1)), zero(T(0));
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* dhp = a.dh + j * a.ld_dh;
+    const T* dh2 = a.dh2 ? a.dh2 + j * a.ld_dh2 : nullptr;
+    const T* y = a.y + j * a.ld_y;
+    T* dg = a.dg + j * a.ld_dg;
+    for (int64_t k = k0; k < k1; k += V) {
+      const int64_t n = std::min(V, k1 - k);
+      Vec<T> dh = ld(dhp + k, n);
+      if (dh2) dh = dh + ld(dh2 + k, n);
+      const Vec<T> h = ld(y + k, n);
+      st(kRelu ? dh * h.gt(zero) : dh * (one - h * h), dg + k, n);
+    }
+  }
+}
+
+// ---- small-batch products ---------------------------------------------------------------------------------------
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T tmp[Vec<T>::size()];
+  v.store(tmp);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+// NR weight rows x NB batch rows of out[j, r] = sum_k h_j[k] W[r, k]; NR * NB accumulators stay in registers.
+template <typename T, int NB, int NR>
+inline void matvec_block(const T* W, int64_t ldw, int64_t K, const T* const* h, T* out, int64_t ldo,
+                         bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[NR][NB];
+  for (int i = 0; i < NR; ++i)
+    for (int jb = 0; jb < NB; ++jb) acc[i][jb] = Vec<T>(T(0));
+  const int64_t Kv = K - K % V;
+  for (int64_t k = 0; k < Kv; k += V) {
+    Vec<T> hv[NB];
+    for (int jb = 0; jb < NB; ++jb) hv[jb] = Vec<T>::loadu(h[jb] + k);
+    for (int i = 0; i < NR; ++i) {
+      const Vec<T> w = Vec<T>::loadu(W + i * ldw + k);
+      for (int jb = 0; jb < NB; ++jb) acc[i][jb] = at::vec::fmadd(w, hv[jb], acc[i][jb]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    for (int jb = 0; jb < NB; ++jb) {
+      T s = hsum(acc[i][jb]);
+      for (int64_t k = Kv; k < K; ++k) s += W[i * ldw + k] * h[jb][k];
+      T* o = out + jb * ldo + i;
+      *o = accumulate ? *o + s : s;
+    }
+  }
+}
+
+template <typename T, int NB>
+void matvec_nb(const T* W, int64_t ldw, int64_t NRows, int64_t K, const T* const* h, T* out, int64_t ldo,
+               bool accumulate) {
+  constexpr int NR = NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
+  int64_t r = 0;
+  for (; r + NR <= NRows; r += NR) matvec_block<T, NB, NR>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
+  for (; r < NRows; ++r) matvec_block<T, NB, 1>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
+}
+
+template <typename T>
+void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& hs, int64_t b, T* out,
+            int64_t ldo, bool accumulate) {
+  const T* h[kSmallBatch];
+  for (int64_t j = 0; j < b; ++j) h[j] = hs.row(j);
+  switch (b) {
+    case 1: return matvec_nb<T, 1>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 2: return matvec_nb<T, 2>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 3: return matvec_nb<T, 3>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 4: return matvec_nb<T, 4>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 5: return matvec_nb<T, 5>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 6: return matvec_nb<T, 6>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 7: return matvec_nb<T, 7>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    case 8: return matvec_nb<T, 8>(W, ldw, NRows, K, h, out, ldo, accumulate);
+    default: return;
+  }
+}
+
+// NB batch rows x NC column vectors of out[j, c] = sum_r g[j, r] W[r, c]; n valid lanes in the last vector.
+template <typename T, int NB, int NC>
+inline void vecmat_block(const T* W, int64_t ldw, int64_t R, const T* g, int64_t ldg, T* out, int64_t ldo,
+                         int64_t n, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[NB][NC];
+  for (int jb = 0; jb < NB; ++jb)
+    for (int c = 0; c < NC; ++c) acc[jb][c] = Vec<T>(T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    Vec<T> w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = ld(W + r * ldw + c * V, c == NC - 1 ? n : V);
+    for (int jb = 0; jb < NB; ++jb) {
+      const Vec<T> gv(g[jb * ldg + r]);
+      for (int c = 0; c < NC; ++c) acc[jb][c] = at::vec::fmadd(gv, w[c], acc[jb][c]);
+    }
+  }
+  for (int jb = 0; jb < NB; ++jb) {
+    for (int c = 0; c < NC; ++c) {
+      const int64_t m = c == NC - 1 ? n : V;
+      T* o = out + jb * ldo + c * V;
+      st(accumulate ? acc[jb][c] + ld(o, m) : acc[jb][c], o, m);
+    }
+  }
+}
+
+template <typename T, int NB>
+void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, T* out,
+               int64_t ldo, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  constexpr int NC = NB <= 2 ? 4 : NB <= 4 ? 2 : 1;
+  int64_t c = c0;
+  for (; c + NC * V <= c1; c += NC * V) vecmat_block<T, NB, NC>(W + c, ldw, R, g, ldg, out + c, ldo, V, accumulate);
+  for (; c < c1; c += V)
+    vecmat_block<T, NB, 1>(W + c, ldw, R, g, ldg, out + c, ldo, std::min(V, c1 - c), accumulate);
+}
+
+template <typename T>
+void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
+            T* out, int64_t ldo, bool accumulate) {
+  switch (b) {
+    case 1: return vecmat_nb<T, 1>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 2: return vecmat_nb<T, 2>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 3: return vecmat_nb<T, 3>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 4: return vecmat_nb<T, 4>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 5: return vecmat_nb<T, 5>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 6: return vecmat_nb<T, 6>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 7: return vecmat_nb<T, 7>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    case 8: return vecmat_nb<T, 8>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+    default: return;
+  }
+}
+
+template <typename T>
+KernelTable<T> make_table() {
+  KernelTable<T> t{};
+  t.fwd[kLSTM] = lstm_fwd<T>;
+  t.fwd[kGRU] = gru_fwd<T>;
+  t.fwd[kRNNTanh] = rnn_fwd<T, false>;
+  t.fwd[kRNNRelu] = rnn_fwd<T, true>;
+  t.bwd[kLSTM] = lstm_bwd<T>;
+  t.bwd[kGRU] = gru_bwd<T>;
+  t.bwd[kRNNTanh] = rnn_bwd<T, false>;
+  t.bwd[kRNNRelu] = rnn_bwd<T, true>;
+  t.matvec = matvec<T>;
+  t.vecmat = vecmat<T>;
+  return t;
+}
+
+}  // namespace
+
+const KernelTable<float>* kernels_float() {
+  static const KernelTable<float> t = make_table<float>();
+  return &t;
+}
+const KernelTable<double>* kernels_double() {
+  static const KernelTable<double> t = make_table<double>();
+  return &t;
+}
+
+}  // namespace fusedrnn::cpu::CPU_CAPABILITY

@@ -1,0 +1,545 @@
+// One RNN layer over the whole sequence on the CPU, both directions, forward and backward (docs/design.md).
+//
+// Dimension letters: T steps, B batch, N = sum(batch_sizes) packed rows, b rows alive at one step, I input size,
+// H hidden size, P size of h (proj_size or H), G gates, D directions, R reserve row width, S thread slices.
+//
+// Forward: the input projection of all steps and both directions is one GEMM into XG [N, D*G*H]; then per
+// direction a time loop. Large batches (B > 8) do one BLAS GEMM per step into preallocated buffers and one fused
+// gate pass (rows split over threads). Small batches run a persistent loop: each thread owns a slice of hidden
+// units (all gates of them), keeps its slice of W_hh hot in its cache, computes its part of the recurrent product
+// with a register-blocked matrix-vector kernel and its gates locally, and meets the other threads once per step.
+// Backward runs the time loop once (fused gate gradients, the recurrent product dG W_hh per step) and computes
+// the weight gradients after the loop as large GEMMs (dW_ih = dG^T x, dW_hh = dG^T H_prev, H_prev gathered).
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+
+#include "../common.h"
+#include "layer.h"
+
+namespace fusedrnn::cpu {
+namespace {
+
+using at::Tensor;
+
+// ---- kernel table choice ----------------------------------------------------------------------------------------
+
+std::atomic<int> g_forced{-1};  // -1: by CPU capability, 0: baseline, 1: AVX2
+
+bool cpu_has_avx2() {
+  static const bool ok = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    return cap == "AVX2" || cap == "AVX512";
+  }();
+  return ok && AVX2::kernels_float() != nullptr;
+}
+
+bool use_avx2() {
+  const int f = g_forced.load();
+  return f < 0 ? cpu_has_avx2() : f == 1;
+}
+
+template <typename T>
+const KernelTable<T>& table();
+template <>
+const KernelTable<float>& table<float>() {
+  return *(use_avx2() ? AVX2::kernels_float() : DEFAULT::kernels_float());
+}
+template <>
+const KernelTable<double>& table<double>() {
+  return *(use_avx2() ? AVX2::kernels_double() : DEFAULT::kernels_double());
+}
+
+// ---- helpers ----------------------------------------------------------------------------------------------------
+
+// The BLAS that ATen itself uses, found at run time (MKL builds of torch export the Fortran sgemm_/dgemm_).
+// Calling it with raw pointers keeps the time loops free of tensor allocation and dispatcher overhead; where
+// the symbols are absent the fallback wraps the pointers in tensors and calls at::addmm_out.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
+
+template <typename T>
+void* blas_symbol() {
+  static void* const fn = dlsym(RTLD_DEFAULT, std::is_same_v<T, float> ? "sgemm_" : "dgemm_");
+  return fn;
+}
+
+// Row-major C[m, n] = op(A)[m, k] op(B)[k, n] + beta * C (beta 0 or 1). Column-major BLAS sees the transposes,
+// so the operands swap.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+          T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (void* sym = blas_symbol<T>(); sym && std::max({m, n, k, lda, ldb, ldc}) < (int64_t(1) << 31)) {
+    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+    const T one(1);
+    if constexpr (std::is_same_v<T, float>)
+      reinterpret_cast<sgemm_fn>(sym)(&tB, &tA, &in, &im, &ik, &one, B, &ildb, A, &ilda, &beta, C, &ildc);
+    else
+      reinterpret_cast<dgemm_fn>(sym)(&tB, &tA, &in, &im, &ik, &one, B, &ildb, A, &ilda, &beta, C, &ildc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
+    at::Tensor v = at::from_blob(const_cast<T*>(p), t ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                                 {ld, 1}, opts);
+    return t ? v.t() : v;
+  };
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  const at::Tensor a = view(A, ta, m, k, lda), b = view(B, tb, k, n, ldb);
+  if (beta == T(0)) at::mm_out(c, a, b);
+  else c.addmm_(a, b);
+}
+
+// A sense-reversing spin barrier for the threads of one at::parallel_for. Each caller arrives with the number
+// of slices it runs, so it stays correct however the runtime maps slices to threads. Spinning yields after a
+// while so a loaded machine does not starve the thread being waited for.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int64_t total) : total_(total) {}
+  void wait(int64_t weight) {
+    if (weight == total_) return;
+    const int64_t gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(weight, std::memory_order_acq_rel) + weight == total_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins > 2000) std::this_thread::yield();
+#if defined(__x86_64__) || defined(__i386__)
+      else __builtin_ia32_pause();
+#endif
+    }
+  }
+
+ private:
+  const int64_t total_;
+  std::atomic<int64_t> count_{0};
+  std::atomic<int64_t> gen_{0};
+};
+
+// [lo, hi) of slice s when n columns are cut into S slices aligned to 8 (a whole vector for float and double).
+std::pair<int64_t, int64_t> slice_range(int64_t n, int64_t s, int64_t S) {
+  const int64_t chunk = ((n + S - 1) / S + 7) / 8 * 8;
+  const int64_t lo = std::min(n, s * chunk);
+  return {lo, std::min(n, lo + chunk)};
+}
+
+// Everything one direction's time loops need, as raw pointers into preallocated tensors.
+template <typename T>
+struct Dir {
+  const Layout* L;
+  int64_t d;
+  bool reverse;
+  const T* w_hh;   // [G*H, P]
+  const T* w_hr;   // [P, H] or nullptr
+  const T* b_hn;   // GRU [H] or nullptr
+  const T* hx;     // [B, P]
+  const T* cx;     // [B, H] (LSTM)
+  T* y;            // [N, D*P]
+  int64_t ldy;
+  T* res;          // [N, R] of this direction, or nullptr
+  int64_t GH() const { return L->G * L->H; }
+  // Step t of the loop at position s (time order of this direction).
+  int64_t step(int64_t s) const { return reverse ? L->T - 1 - s : s; }
+  // Step whose state feeds step t, or -1 when every row starts from hx / cx.
+  int64_t prev_step(int64_t t) const {
+    if (reverse) return t == L->T - 1 ? -1 : t + 1;
+    return t == 0 ? -1 : t - 1;
+  }
+  // h_prev of step t: rows of y at the previous step while their sequence runs, hx for those that start here.
+  RowSrc<T> h_prev(int64_t t) const {
+    const int64_t p = prev_step(t);
+    RowSrc<T> r{nullptr, 0, 0, hx, L->P};
+    if (p >= 0) r = {y + L->offs[p] * ldy + d * L->P, ldy, L->bs[p], hx, L->P};
+    return r;
+  }
+  // c_prev of step t (LSTM backward): c_t of the previous step from the reserve, or cx.
+  RowSrc<T> c_prev(int64_t t) const {
+    const int64_t p = prev_step(t);
+    RowSrc<T> r{nullptr, 0, 0, cx, L->H};
+    if (p >= 0) r = {res + L->offs[p] * L->R + 4 * L->H, L->R, L->bs[p], cx, L->H};
+    return r;
+  }
+  T* y_row(int64_t t) const { return y + L->offs[t] * ldy + d * L->P; }
+  T* res_row(int64_t t) const { return res ? res + L->offs[t] * L->R : nullptr; }
+};
+
+template <typename T>
+Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const std::vector<Tensor>& b_hn,
+                const Tensor& hx, const Tensor& cx, Tensor& y, Tensor& reserve) {
+  Dir<T> r;
+  r.L = &L;
+  r.d = d;
+  r.reverse = d == 1;
+  r.w_hh = L.w_hh(ws, d).data_ptr<T>();
+  r.w_hr = L.proj ? L.w_hr(ws, d).data_ptr<T>() : nullptr;
+  r.b_hn = b_hn.empty() ? nullptr : b_hn[d].data_ptr<T>();
+  r.hx = hx[d].data_ptr<T>();
+  r.cx = L.mode == kLSTM ? cx[d].data_ptr<T>() : nullptr;
+  r.y = y.data_ptr<T>();
+  r.ldy = L.D * L.P;
+  r.res = reserve.numel() && L.R ? reserve[d].data_ptr<T>() : nullptr;
+  return r;
+}
+
+// Number of thread slices for the small-batch loops: enough columns per thread to amortise a barrier.
+int64_t small_slices(const Layout& L) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(L.H, L.P) / 32));
+}
+
+bool small_batch(const Layout& L) { return L.B <= kSmallBatch && L.T > 0; }
+
+// Runs fn(j0, j1) over rows [0, b), split across threads when the step has enough elements to pay for it.
+template <typename F>
+void for_rows(int64_t b, int64_t width, const F& fn) {
+  constexpr int64_t kMinElems = 16384;
+  if (b * width < 2 * kMinElems) return fn(0, b);
+  at::parallel_for(0, b, std::max<int64_t>(1, kMinElems / width), fn);
+}
+
+// ---- forward ----------------------------------------------------------------------------------------------------
+
+// xg: [N, D*G*H] input projections (+ biases); h: [B, P] and c: [B, H] states, in: hx / cx, out: hy / cy.
+template <typename T>
+void forward_large(const Dir<T>& dir, const KernelTable<T>& K, T* xg, T* h, T* c) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), ldxg = L.D * GH;
+  Tensor hg_t = L.mode == kGRU ? at::empty({L.B, GH}, c10::CppTypeToScalarType<T>::value) : Tensor();
+  Tensor hf_t = L.proj ? at::empty({L.B, H}, c10::CppTypeToScalarType<T>::value) : Tensor();
+  T* hg = hg_t.defined() ? hg_t.data_ptr<T>() : nullptr;
+  T* hf = hf_t.defined() ? hf_t.data_ptr<T>() : nullptr;
+  for (int64_t s = 0; s < L.T; ++s) {
+    const int64_t t = dir.step(s), b = L.bs[t];
+    T* pre = xg + L.offs[t] * ldxg + dir.d * GH;
+    if (L.mode == kGRU) gemm<T>(false, true, b, GH, P, h, P, dir.w_hh, P, T(0), hg, GH);
+    else gemm<T>(false, true, b, GH, P, h, P, dir.w_hh, P, T(1), pre, ldxg);
+    FwdArgs<T> a;
+    a.H = H;
+    a.pre = pre; a.ld_pre = ldxg;
+    a.hg = hg; a.ld_hg = GH;
+    a.b_hn = dir.b_hn;
+    a.hprev = {h, P, L.B, nullptr, 0};
+    a.c = c; a.ld_c = H;
+    a.out = L.proj ? hf : dir.y_row(t); a.ld_out = L.proj ? H : dir.ldy;
+    a.out2 = L.proj ? nullptr : h; a.ld_out2 = P;
+    a.res = dir.res_row(t); a.ld_res = L.R;
+    for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.fwd[L.mode](a, j0, j1, 0, H); });
+    if (L.proj) {
+      gemm<T>(false, true, b, P, H, hf, H, dir.w_hr, H, T(0), h, P);
+      for (int64_t j = 0; j < b; ++j) std::memcpy(dir.y_row(t) + j * dir.ldy, h + j * P, P * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+void forward_small(const Dir<T>& dir, const KernelTable<T>& K, T* xg, T* h, T* c) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), ldxg = L.D * GH;
+  Tensor hg_t = L.mode == kGRU ? at::empty({L.B, GH}, c10::CppTypeToScalarType<T>::value) : Tensor();
+  Tensor hf_t = L.proj ? at::empty({L.B, H}, c10::CppTypeToScalarType<T>::value) : Tensor();
+  T* hg = hg_t.defined() ? hg_t.data_ptr<T>() : nullptr;
+  T* hf = hf_t.defined() ? hf_t.data_ptr<T>() : nullptr;
+  const int64_t S = small_slices(L);
+  SpinBarrier barrier(S);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = 0; s < L.T; ++s) {
+      const int64_t t = dir.step(s), b = L.bs[t];
+      T* pre = xg + L.offs[t] * ldxg + dir.d * GH;
+      const RowSrc<T> hp = dir.h_prev(t);
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const auto [k0, k1] = slice_range(H, sl, S);
+        for (int64_t g = 0; g < L.G; ++g) {
+          const T* w = dir.w_hh + (g * H + k0) * P;
+          if (L.mode == kGRU) K.matvec(w, P, k1 - k0, P, hp, b, hg + g * H + k0, GH, false);
+          else K.matvec(w, P, k1 - k0, P, hp, b, pre + g * H + k0, ldxg, true);
+        }
+        FwdArgs<T> a;
+        a.H = H;
+        a.pre = pre; a.ld_pre = ldxg;
+        a.hg = hg; a.ld_hg = GH;
+        a.b_hn = dir.b_hn;
+        a.hprev = hp;
+        a.c = c; a.ld_c = H;
+        a.out = L.proj ? hf : dir.y_row(t); a.ld_out = L.proj ? H : dir.ldy;
+        a.out2 = L.proj ? nullptr : h; a.ld_out2 = P;
+        a.res = dir.res_row(t); a.ld_res = L.R;
+        K.fwd[L.mode](a, 0, b, k0, k1);
+      }
+      barrier.wait(s1 - s0);
+      if (!L.proj) continue;
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const auto [p0, p1] = slice_range(P, sl, S);
+        K.matvec(dir.w_hr + p0 * H, H, p1 - p0, H, RowSrc<T>{hf, H, b, nullptr, 0}, b, dir.y_row(t) + p0, dir.ldy,
+                 false);
+        for (int64_t j = 0; j < b; ++j)
+          std::memcpy(h + j * P + p0, dir.y_row(t) + j * dir.ldy + p0, (p1 - p0) * sizeof(T));
+      }
+      barrier.wait(s1 - s0);
+    }
+  });
+}
+
+// Per-direction input-side biases folded into the input GEMM: LSTM/RNN b_ih + b_hh; GRU b_ih + (b_hr, b_hz, 0)
+// (b_hn stays apart because r multiplies it). Returns [D*G*H].
+Tensor input_bias(const Layout& L, const std::vector<Tensor>& ws) {
+  std::vector<Tensor> parts;
+  for (int64_t d = 0; d < L.D; ++d) {
+    Tensor b = L.b_ih(ws, d).clone();
+    if (L.mode == kGRU) b.narrow(0, 0, 2 * L.H).add_(L.b_hh(ws, d).narrow(0, 0, 2 * L.H));
+    else b.add_(L.b_hh(ws, d));
+    parts.push_back(b);
+  }
+  return at::cat(parts);
+}
+
+Tensor cat_w_ih(const Layout& L, const std::vector<Tensor>& ws) {
+  std::vector<Tensor> parts;
+  for (int64_t d = 0; d < L.D; ++d) parts.push_back(L.w_ih(ws, d));
+  return L.D == 1 ? parts[0] : at::cat(parts);
+}
+
+std::vector<Tensor> contiguous_all(at::TensorList ws) {
+  std::vector<Tensor> r;
+  r.reserve(ws.size());
+  for (const auto& w : ws) r.push_back(w.contiguous());
+  return r;
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const Tensor& x_, const Tensor& hx_,
+                                                        const std::optional<Tensor>& cx_, at::TensorList weights,
+                                                        bool train) {
+  const KernelTable<T>& K = table<T>();
+  const auto ws = contiguous_all(weights);
+  const Tensor x = x_.contiguous(), hx = hx_.contiguous();
+  const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
+  const auto opts = x.options();
+  const int64_t GH = L.G * L.H;
+  Tensor xg = at::empty({L.N, L.D * GH}, opts);
+  if (L.bias) at::addmm_out(xg, input_bias(L, ws), x, cat_w_ih(L, ws).t());
+  else at::mm_out(xg, x, cat_w_ih(L, ws).t());
+  std::vector<Tensor> b_hn;
+  if (L.mode == kGRU && L.bias)
+    for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
+
+  Tensor y = at::empty({L.N, L.D * L.P}, opts);
+  Tensor hy = hx.clone();
+  Tensor cy = L.mode == kLSTM ? cx.clone() : at::empty({0}, opts);
+  Tensor reserve = train ? at::empty({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
+  for (int64_t d = 0; d < L.D; ++d) {
+    const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, hx, cx, y, reserve);
+    T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
+    if (small_batch(L)) forward_small(dir, K, xg.data_ptr<T>(), hy[d].data_ptr<T>(), c);
+    else forward_large(dir, K, xg.data_ptr<T>(), hy[d].data_ptr<T>(), c);
+  }
+  return {y, hy, cy, reserve};
+}
+
+// ---- backward ---------------------------------------------------------------------------------------------------
+
+// Buffers of one direction's backward loop. dg: [N, D*G*H] input-side gate gradients (all directions);
+// dgh: GRU [N, G*H] recurrent-side gate gradients; dht: proj [N, P] total gradient w.r.t. h per step;
+// dhf: proj [B, H]; dh: [B, P] and dc: [B, H] running state gradients (in: grad_hy / grad_cy, out: grad_hx / cx).
+template <typename T>
+struct BwdBufs {
+  T* dg;
+  T* dgh;
+  T* dht;
+  T* dhf;
+  T* dh;
+  T* dc;
+  const T* gy;  // grad_y [N, D*P]
+  // Where the recurrent product reads its gate gradients: GRU's recurrent side, else the input side.
+  const T* rec(const Dir<T>& dir, int64_t t) const {
+    const Layout& L = *dir.L;
+    return dgh ? dgh + L.offs[t] * dir.GH() : dg + L.offs[t] * L.D * dir.GH() + dir.d * dir.GH();
+  }
+  int64_t ld_rec(const Dir<T>& dir) const { return dgh ? dir.GH() : dir.L->D * dir.GH(); }
+};
+
+// dht rows of step t = dh state + grad_y rows, for hidden columns [p0, p1) (projection only).
+template <typename T>
+void total_dh(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t, int64_t p0, int64_t p1) {
+  const Layout& L = *dir.L;
+  T* out = bb.dht + L.offs[t] * L.P;
+  const T* gy = bb.gy + L.offs[t] * dir.ldy + dir.d * L.P;
+  for (int64_t j = 0; j < L.bs[t]; ++j)
+    for (int64_t p = p0; p < p1; ++p) out[j * L.P + p] = bb.dh[j * L.P + p] + gy[j * dir.ldy + p];
+}
+
+template <typename T>
+BwdArgs<T> bwd_args(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t) {
+  const Layout& L = *dir.L;
+  const int64_t o = L.offs[t], GH = dir.GH();
+  BwdArgs<T> a;
+  a.H = L.H;
+  if (L.proj) {
+    a.dh = bb.dhf; a.ld_dh = L.H;
+  } else {
+    a.dh = bb.dh; a.ld_dh = L.P;
+    a.dh2 = bb.gy + o * dir.ldy + dir.d * L.P; a.ld_dh2 = dir.ldy;
+  }
+  a.res = dir.res_row(t); a.ld_res = L.R;
+  if (L.mode == kLSTM) a.prev = dir.c_prev(t);
+  if (L.mode == kGRU) a.prev = dir.h_prev(t);
+  a.y = dir.y_row(t); a.ld_y = dir.ldy;
+  a.dc = bb.dc; a.ld_dc = L.H;
+  a.dg = bb.dg + o * L.D * GH + dir.d * GH; a.ld_dg = L.D * GH;
+  a.dgh = bb.dgh ? bb.dgh + o * GH : nullptr; a.ld_dgh = GH;
+  a.dhp = bb.dh; a.ld_dhp = L.P;
+  return a;
+}
+
+template <typename T>
+void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH();
+  for (int64_t s = L.T - 1; s >= 0; --s) {
+    const int64_t t = dir.step(s), b = L.bs[t];
+    if (L.proj) {
+      total_dh(dir, bb, t, 0, P);
+      gemm<T>(false, false, b, H, P, bb.dht + L.offs[t] * P, P, dir.w_hr, H, T(0), bb.dhf, H);
+    }
+    const BwdArgs<T> a = bwd_args(dir, bb, t);
+    for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.bwd[L.mode](a, j0, j1, 0, H); });
+    gemm<T>(false, false, b, P, GH, bb.rec(dir, t), bb.ld_rec(dir), dir.w_hh, P, T(L.mode == kGRU ? 1 : 0), bb.dh,
+            P);
+  }
+}
+
+template <typename T>
+void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH();
+  const int64_t S = small_slices(L);
+  if (L.proj) total_dh(dir, bb, dir.step(L.T - 1), 0, P);
+  SpinBarrier barrier(S);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = L.T - 1; s >= 0; --s) {
+      const int64_t t = dir.step(s), b = L.bs[t];
+      const BwdArgs<T> a = bwd_args(dir, bb, t);
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const auto [k0, k1] = slice_range(H, sl, S);
+        if (L.proj) K.vecmat(dir.w_hr, H, P, k0, k1, bb.dht + L.offs[t] * P, P, b, bb.dhf, H, false);
+        K.bwd[L.mode](a, 0, b, k0, k1);
+      }
+      barrier.wait(s1 - s0);
+      // Without a projection P == H and the slices match, so each thread next reads only the dh it wrote.
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const auto [p0, p1] = slice_range(P, sl, S);
+        K.vecmat(dir.w_hh, P, GH, p0, p1, bb.rec(dir, t), bb.ld_rec(dir), b, bb.dh, P, L.mode == kGRU);
+        if (L.proj && s > 0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
+      }
+      if (L.proj) barrier.wait(s1 - s0);
+    }
+  });
+}
+
+// h_prev of every step as one matrix [N, P] (the B operand of dW_hh = dG^T H_prev).
+template <typename T>
+Tensor gather_h_prev(const Dir<T>& dir, const at::TensorOptions& opts) {
+  const Layout& L = *dir.L;
+  Tensor hp = at::empty({L.N, L.P}, opts);
+  T* out = hp.data_ptr<T>();
+  for (int64_t t = 0; t < L.T; ++t) {
+    const RowSrc<T> src = dir.h_prev(t);
+    for (int64_t j = 0; j < L.bs[t]; ++j) std::memcpy(out + (L.offs[t] + j) * L.P, src.row(j), L.P * sizeof(T));
+  }
+  return hp;
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
+    const Layout& L, const Tensor& grad_y_, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x_,
+    const Tensor& hx_, const std::optional<Tensor>& cx_, at::TensorList weights, const Tensor& y_,
+    const Tensor& reserve_) {
+  const KernelTable<T>& K = table<T>();
+  const auto ws = contiguous_all(weights);
+  const Tensor x = x_.contiguous(), hx = hx_.contiguous(), y = y_.contiguous(), gy = grad_y_.contiguous();
+  Tensor reserve = reserve_.contiguous();
+  const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
+  const auto opts = x.options();
+  const int64_t GH = L.G * L.H;
+  TORCH_CHECK(reserve.numel() == L.D * L.N * L.R && (L.R == 0 || reserve.dim() == 3),
+              "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
+  TORCH_CHECK(gy.sizes() == y.sizes(), "fusedrnn: grad_y should have the shape of y");
+
+  Tensor dg = at::empty({L.N, L.D * GH}, opts);
+  Tensor dgh = L.mode == kGRU ? at::empty({L.N, GH}, opts) : Tensor();
+  Tensor dht = L.proj ? at::empty({L.N, L.P}, opts) : Tensor();
+  Tensor dhf = L.proj ? at::empty({L.B, L.H}, opts) : Tensor();
+  Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
+  Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
+                   : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
+  std::vector<Tensor> gw(ws.size());
+  Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
+  for (int64_t d = 0; d < L.D; ++d) {
+    const Dir<T> dir = make_dir<T>(L, d, ws, {}, hx, cx, y_mut, reserve);
+    BwdBufs<T> bb{dg.data_ptr<T>(), dgh.defined() ? dgh.data_ptr<T>() : nullptr,
+                  dht.defined() ? dht.data_ptr<T>() : nullptr, dhf.defined() ? dhf.data_ptr<T>() : nullptr,
+                  grad_hx[d].data_ptr<T>(), L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr,
+                  gy.data_ptr<T>()};
+    if (L.T > 0) {
+      if (small_batch(L)) backward_small(dir, K, bb);
+      else backward_large(dir, K, bb);
+    }
+    const Tensor dg_d = dg.narrow(1, d * GH, GH);
+    const Tensor dg_rec = dgh.defined() ? dgh : dg_d;
+    gw[d * L.group + 0] = dg_d.t().mm(x);
+    gw[d * L.group + 1] = dg_rec.t().mm(gather_h_prev(dir, opts));
+    if (L.bias) {
+      gw[d * L.group + 2] = dg_d.sum(0);
+      gw[d * L.group + 3] = dg_rec.sum(0);
+    }
+    if (L.proj) {
+      const Tensor r = reserve[d];
+      const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
+      gw[d * L.group + L.group - 1] = dht.t().mm(h_full);
+    }
+  }
+  Tensor grad_x = dg.mm(cat_w_ih(L, ws));
+  return {grad_x, grad_hx, grad_cx, gw};
+}
+
+}  // namespace
+
+void force_capability(int which) { g_forced.store(which); }
+
+std::string active_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+
+bool avx2_available() { return cpu_has_avx2(); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(const std::string& mode, const Tensor& x,
+                                                      const Tensor& batch_sizes, const Tensor& hx,
+                                                      const std::optional<Tensor>& cx, at::TensorList weights,
+                                                      bool has_biases, int64_t num_directions, bool train) {
+  const Layout L = check_inputs(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
+  if (x.scalar_type() == at::kDouble) return forward_typed<double>(L, x, hx, cx, weights, train);
+  return forward_typed<float>(L, x, hx, cx, weights, train);
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
+    const std::string& mode, const Tensor& grad_y, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x,
+    const Tensor& batch_sizes, const Tensor& hx, const std::optional<Tensor>& cx, at::TensorList weights,
+    bool has_biases, int64_t num_directions, const Tensor& y, const Tensor& reserve) {
+  const Layout L = check_inputs(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
+  for (const Tensor* g : {&grad_y, &grad_hy, &grad_cy, &y, &reserve})
+    TORCH_CHECK(g->scalar_type() == x.scalar_type() && g->device().is_cpu(),
+                "fusedrnn: backward tensors should be CPU tensors of x's dtype");
+  if (x.scalar_type() == at::kDouble)
+    return backward_typed<double>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
+  return backward_typed<float>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
+}
+
+}  // namespace fusedrnn::cpu

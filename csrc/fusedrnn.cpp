@@ -1,0 +1,83 @@
+// The fusedrnn._C extension: schemas of the internal CPU ops (fusedrnn::cpu_rnn_forward / cpu_rnn_backward, the
+// layer-op contract of docs/design.md minus `backend`), their CPU implementations, and a bare Python module so
+// that `import fusedrnn._C` runs the registrations. Shapes are documented in csrc/cpu/layer.h.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/layer.h"
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_rnn_forward(
+    c10::string_view mode, const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& hx,
+    const std::optional<at::Tensor>& cx, at::TensorList weights, bool has_biases, int64_t num_directions,
+    bool train) {
+  return fusedrnn::cpu::rnn_forward(std::string(mode), x, batch_sizes, hx, cx, weights, has_biases, num_directions,
+                                    train);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_rnn_backward(
+    c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
+    const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+    at::TensorList weights, bool has_biases, int64_t num_directions, const at::Tensor& y, const at::Tensor& reserve) {
+  return fusedrnn::cpu::rnn_backward(std::string(mode), grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
+                                     has_biases, num_directions, y, reserve);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
+  m.def(
+      "cpu_rnn_forward(str mode, Tensor x, Tensor batch_sizes, Tensor hx, Tensor? cx, Tensor[] weights, "
+      "bool has_biases, int num_directions, bool train) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_rnn_backward(str mode, Tensor grad_y, Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor batch_sizes, "
+      "Tensor hx, Tensor? cx, Tensor[] weights, bool has_biases, int num_directions, Tensor y, Tensor reserve) "
+      "-> (Tensor, Tensor, Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("cpu_rnn_forward", &cpu_rnn_forward);
+  m.impl("cpu_rnn_backward", &cpu_rnn_backward);
+}
+
+// ---- Python module: kernel-build selection for tests and benchmarks ----------------------------------------------
+
+static PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_AsUTF8(arg);
+  if (!s) return nullptr;
+  const std::string name(s);
+  if (name.empty() || name == "auto") {
+    fusedrnn::cpu::force_capability(-1);
+  } else if (name == "default") {
+    fusedrnn::cpu::force_capability(0);
+  } else if (name == "avx2") {
+    if (!fusedrnn::cpu::avx2_available()) {
+      PyErr_SetString(PyExc_RuntimeError, "fusedrnn: the AVX2 kernels are not built or this CPU lacks AVX2");
+      return nullptr;
+    }
+    fusedrnn::cpu::force_capability(1);
+  } else {
+    PyErr_SetString(PyExc_ValueError, "fusedrnn: capability should be 'auto', 'default' or 'avx2'");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fusedrnn::cpu::active_capability().c_str());
+}
+
+static PyMethodDef kMethods[] = {
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     "set_cpu_capability(name): 'auto' (by CPU, the default), 'default' (baseline build) or 'avx2'."},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "Kernel build the CPU ops use now: 'DEFAULT' or 'AVX2'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                                     "fusedrnn compiled kernels; importing it registers torch.ops.fusedrnn.cpu_*.",
+                                     -1, kMethods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,87 @@
+"""The `cpu` backend: fused C++ kernels (csrc/cpu) behind torch.ops.fusedrnn.cpu_rnn_forward / cpu_rnn_backward.
+
+Importing this module never fails: when the extension `fusedrnn._C` is not built, the backend is recorded as missing
+with the command that builds it. Shapes of every argument: docs/design.md (the layer-op contract, minus `backend`).
+`set_capability("default" | "avx2" | "auto")` picks the kernel build (tests use it to run the baseline path).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import GATES, Backend, note_missing, register_backend
+
+BUILD_HINT = "the C++ extension fusedrnn._C is not built; run `pip install --no-build-isolation -e .` in the repository"
+
+try:
+    from . import _C  # noqa: F401  (its import registers torch.ops.fusedrnn.cpu_*)
+except ImportError as _e:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR = str(_e)
+else:
+    _IMPORT_ERROR = ""
+
+# Reserve row width per mode, in units of H (docs/design.md).
+_RESERVE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
+_DTYPES = (torch.float32, torch.float64)
+
+
+def set_capability(name: str) -> None:
+    """Kernel build for the next calls: 'auto' (by CPU, the default), 'default' (baseline) or 'avx2'."""
+    _C.set_cpu_capability(name)
+
+
+def capability() -> str:
+    """The kernel build in use: 'DEFAULT' or 'AVX2'."""
+    return _C.cpu_capability()
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def available(self) -> bool:
+        return _C is not None
+
+    def why_unavailable(self) -> str:
+        return f"{BUILD_HINT} ({_IMPORT_ERROR})" if _IMPORT_ERROR else ""
+
+    def supports(self, device: torch.device, dtype: torch.dtype, mode: str, has_proj: bool) -> bool:
+        return torch.device(device).type == "cpu" and dtype in _DTYPES and mode in GATES
+
+    def forward(self, mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train):
+        return torch.ops.fusedrnn.cpu_rnn_forward(mode, x, batch_sizes, hx, cx, list(weights), has_biases,
+                                                  num_directions, train)
+
+    def backward(self, mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
+                 num_directions, y, reserve):
+        gx, ghx, gcx, gws = torch.ops.fusedrnn.cpu_rnn_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx,
+                                                                cx, list(weights), has_biases, num_directions, y,
+                                                                reserve)
+        return gx, ghx, gcx, list(gws)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fusedrnn::cpu_rnn_forward")
+    def _forward_fake(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor],
+                      weights: list[Tensor], has_biases: bool, num_directions: int, train: bool):
+        N, D, B, P = x.shape[0], num_directions, hx.shape[1], hx.shape[2]
+        H = weights[1].shape[0] // GATES[mode]
+        cy = x.new_empty(D, B, H) if mode == "lstm" else x.new_empty(0)
+        reserve = x.new_empty(D, N, _RESERVE[mode] * H) if train else x.new_empty(0)
+        return x.new_empty(N, D * P), x.new_empty(D, B, P), cy, reserve
+
+    @torch.library.register_fake("fusedrnn::cpu_rnn_backward")
+    def _backward_fake(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tensor, x: Tensor, batch_sizes: Tensor,
+                       hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], has_biases: bool,
+                       num_directions: int, y: Tensor, reserve: Tensor):
+        gcx = x.new_empty(cx.shape) if mode == "lstm" else x.new_empty(0)
+        return x.new_empty(x.shape), x.new_empty(hx.shape), gcx, [w.new_empty(w.shape) for w in weights]
+
+
+if _C is not None:
+    _register_fakes()
+    register_backend(CpuBackend())
+else:
+    note_missing("cpu", BUILD_HINT + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else ""))

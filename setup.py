@@ -1,0 +1,160 @@
+"""Build of fusedrnn: the CPU extension `fusedrnn._C` (always) and, when a CUDA engineer fills
+`_cuda_extensions()`, the CUDA extension.
+
+    pip install --no-build-isolation -e .        # MAX_JOBS=N caps the parallel compile jobs (ninja)
+
+The CPU kernels (csrc/cpu/kernels_impl.h) are compiled twice: once with the compiler's baseline flags and once with
+AVX2+FMA (x86-64 only); the driver picks one at run time from at::get_cpu_capability(), so the wheel runs on CPUs
+without AVX2. Nothing is downloaded here.
+"""
+import os
+import platform
+import re
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+# Only csrc/cpu/kernels_avx2.cpp gets these (see FusedrnnBuild); everything else stays baseline.
+AVX2_SOURCES = ["csrc/cpu/kernels_avx2.cpp"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+
+
+def _version() -> str:
+    """`__version__` from fusedrnn/__init__.py, read by regex (the package is not imported at build time)."""
+    with open(os.path.join(ROOT, "fusedrnn", "__init__.py"), encoding="utf-8") as f:
+        m = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', f.read(), re.M)
+    if not m:
+        raise RuntimeError("fusedrnn/__init__.py has no __version__ = '...' line")
+    return m.group(1)
+
+
+def _cpu_extension():
+    sources = ["csrc/fusedrnn.cpp", "csrc/cpu/layer.cpp", "csrc/cpu/kernels_default.cpp"]
+    if not IS_X86:
+        sources += AVX2_SOURCES  # compiled without AVX2 flags it provides no kernels (nullptr table)
+    return CppExtension(
+        name="fusedrnn._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": list(CXX_FLAGS)},
+        extra_link_args=["-fopenmp"],
+        depends=[os.path.join("csrc", p) for p in ("common.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cpu/layer.h")],
+    )
+
+
+# ==== CUDA extension: to be filled by the CUDA engineer ==============================================================
+def _cuda_extensions():
+    """Extensions for the CUDA backend (csrc/cuda). Build them when `torch.version.cuda` is set and nvcc exists
+    (never decided by torch.cuda.is_available(), which is False on build machines); FUSEDRNN_FORCE_CUDA=1 turns a
+    missing nvcc into an error; honour TORCH_CUDA_ARCH_LIST. Returns a list of CUDAExtension, empty when skipped.
+
+    The toolkit root comes from CUDA_HOME / CUDA_PATH, else from nvcc's own report (`nvcc -dryrun` prints the folder
+    it runs from, which sees through wrapper scripts such as a /usr/local/bin/nvcc that execs the real one), else
+    from the resolved nvcc path. torch.utils.cpp_extension guesses CUDA_HOME at import as dirname(dirname(which
+    nvcc)), wrong for such a wrapper, so the root found here is handed to it. TORCH_CUDA_ARCH_LIST defaults to
+    "8.0;9.0+PTX" (sm_80, sm_90 machine code, PTX for later GPUs); MAX_JOBS caps ninja's parallel jobs as usual.
+    No --use_fast_math: the kernels are memory-bound and the recurrence feeds exp/tanh results back every step."""
+    import glob
+    import subprocess
+    import sys
+
+    import torch
+    import torch.utils.cpp_extension as cpp_ext
+
+    force = os.environ.get("FUSEDRNN_FORCE_CUDA", "") == "1"
+
+    def skip(why):
+        if force:
+            raise RuntimeError(f"FUSEDRNN_FORCE_CUDA=1 but the CUDA extension cannot be built: {why}")
+        print(f"fusedrnn setup: not building the CUDA extension: {why}", file=sys.stderr)
+        return []
+
+    def is_root(path):
+        return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and \
+            os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+
+    def toolkit_root():
+        for var in ("CUDA_HOME", "CUDA_PATH"):
+            if is_root(os.environ.get(var)):
+                return os.path.realpath(os.environ[var])
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            return None
+        try:
+            report = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                    capture_output=True, text=True, timeout=60)
+            for line in (report.stdout + report.stderr).splitlines():
+                m = re.match(r"#\$ _HERE_=(.+)$", line.strip())
+                if m and is_root(os.path.dirname(m.group(1).strip())):
+                    return os.path.realpath(os.path.dirname(m.group(1).strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        return guess if is_root(guess) else None
+
+    if torch.version.cuda is None:
+        return skip(f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)")
+    root = toolkit_root()
+    if root is None:
+        return skip("no CUDA toolkit found (set CUDA_HOME to the toolkit root, or put nvcc on PATH)")
+    os.environ["CUDA_HOME"] = root
+    cpp_ext.CUDA_HOME = root
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+    # torch's CUDA headers include cuBLAS/cuSPARSE headers that a minimal toolkit may lack; torch's own pip
+    # dependencies (site-packages/nvidia/*/include) carry them. -isystem puts them after the toolkit's -I.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+    if not os.path.isfile(os.path.join(root, "include", "cublas_v2.h")):
+        site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+        for inc in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+            if os.path.isfile(os.path.join(inc, "cublas_v2.h")) or os.path.isfile(os.path.join(inc, "cusparse.h")):
+                cxx += ["-isystem", inc]
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    cuda_dir = os.path.join("csrc", "cuda")
+    return [cpp_ext.CUDAExtension(
+        name="fusedrnn._C_cuda",
+        # one kernel file per cell family, compiled in parallel; torch headers only in torch_ops.cpp
+        sources=[os.path.join(cuda_dir, f) for f in
+                 ("torch_ops.cpp", "lstm_kernels.cu", "gru_kernels.cu", "rnn_kernels.cu")],
+        include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        depends=[os.path.join(cuda_dir, f) for f in ("kernels.h", "device_utils.cuh")],
+    )]
+# =====================================================================================================================
+
+
+class FusedrnnBuild(BuildExtension):
+    """BuildExtension plus the per-file AVX2 flags: the AVX2 kernel sources are compiled (through the same ninja
+    path, MAX_JOBS honoured) with AVX2_FLAGS into their own objects, which are then linked into fusedrnn._C."""
+
+    def build_extension(self, ext):
+        if ext.name == "fusedrnn._C" and IS_X86:
+            cflags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            objects = self.compiler.compile(
+                AVX2_SOURCES,
+                output_dir=os.path.join(self.build_temp, "avx2"),
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": list(cflags) + AVX2_FLAGS} if self.use_ninja else list(cflags) + AVX2_FLAGS,
+                depends=ext.depends,
+            )
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in objects] + objects
+        super().build_extension(ext)
+
+
+def _use_ninja() -> bool:
+    return shutil.which("ninja") is not None
+
+
+setup(
+    name="fusedrnn",
+    version=_version(),
+    packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
+    ext_modules=[_cpu_extension()] + _cuda_extensions(),
+    cmdclass={"build_ext": FusedrnnBuild.with_options(use_ninja=_use_ninja())},
+    zip_safe=False,
+)

@@ -1,0 +1,205 @@
+"""The `cpu` backend (csrc/cpu) against the reference backend, op by op: forward outputs, reserve and every
+gradient, for all modes, projection, both directions, packed variable lengths (incl. length-1 sequences), the
+small-batch (B <= 8, matrix-vector) and large-batch (GEMM per step) paths, both kernel builds (baseline and AVX2),
+float64 tight and float32 to float32 rounding; opcheck on the internal ops; the GIL is released while they run.
+Test ids: mode-D{directions}-B{batch}-{lengths}-{proj}-{dtype}-{capability}.
+"""
+import threading
+import time
+
+import pytest
+import torch
+
+from fusedrnn.backends import GATES, get_backend
+
+cpu = pytest.importorskip("fusedrnn.cpu")
+pytestmark = pytest.mark.skipif(cpu._C is None, reason="fusedrnn._C is not built")
+
+MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# float64: both sides compute the same formulas in the same precision; float32: vs the float64 reference, a few
+# float32 roundings per step, accumulated over the sequence.
+TOL = {torch.float64: 1e-10, torch.float32: 3e-5}
+
+
+def capabilities():
+    caps = ["default"]
+    try:
+        cpu.set_capability("avx2")
+        caps.append("avx2")
+    except RuntimeError:
+        pass
+    finally:
+        cpu.set_capability("auto")
+    return caps
+
+
+@pytest.fixture(params=capabilities())
+def capability(request):
+    cpu.set_capability(request.param)
+    yield request.param
+    cpu.set_capability("auto")
+
+
+def make_case(mode, D, B, lengths, I, H, proj, dtype, bias=True, seed=0):
+    """Random op arguments. lengths: per-sequence lengths (sorted, longest first) or None for all equal (T=5)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [5] * B
+    T = lengths[0]
+    bs = torch.tensor([sum(1 for n in lengths if n > t) for t in range(T)], dtype=torch.int64)
+    N = int(bs.sum())
+    G = GATES[mode]
+    P = proj or H
+
+    def rnd(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+    weights = []
+    for _ in range(D):
+        weights += [rnd(G * H, I) * 0.5, rnd(G * H, P) * 0.5]
+        if bias:
+            weights += [rnd(G * H) * 0.5, rnd(G * H) * 0.5]
+        if proj:
+            weights.append(rnd(P, H) * 0.5)
+    x = rnd(N, I)
+    hx = rnd(D, B, P) * 0.5
+    cx = rnd(D, B, H) * 0.5 if mode == "lstm" else None
+    grads = (rnd(N, D * P), rnd(D, B, P), rnd(D, B, H) if mode == "lstm" else torch.zeros(0, dtype=dtype))
+    return dict(mode=mode, x=x, batch_sizes=bs, hx=hx, cx=cx, weights=weights, has_biases=bias, num_directions=D), grads
+
+
+def forward(backend, args, train):
+    a = args
+    return get_backend(backend).forward(a["mode"], a["x"], a["batch_sizes"], a["hx"], a["cx"], a["weights"],
+                                        a["has_biases"], a["num_directions"], train)
+
+
+def run(backend, args, grads, dtype=None):
+    """Forward (train=True) and backward of one backend; inputs cast to dtype first if given."""
+    cast = (lambda t: t if t is None or t.dtype == torch.int64 else t.to(dtype)) if dtype else (lambda t: t)
+    a = {k: ([cast(w) for w in v] if k == "weights" else cast(v) if isinstance(v, torch.Tensor) else v)
+         for k, v in args.items()}
+    b = get_backend(backend)
+    y, hy, cy, reserve = forward(backend, a, True)
+    gy, ghy, gcy = (cast(t) for t in grads)
+    gx, ghx, gcx, gws = b.backward(a["mode"], gy, ghy, gcy, a["x"], a["batch_sizes"], a["hx"], a["cx"],
+                                   a["weights"], a["has_biases"], a["num_directions"], y, reserve)
+    return {"y": y, "hy": hy, "cy": cy, "reserve": reserve, "grad_x": gx, "grad_hx": ghx, "grad_cx": gcx,
+            **{f"grad_w{i}": w for i, w in enumerate(gws)}}
+
+
+def assert_match(ours, ref, tol):
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        a, r = ours[k].double(), ref[k].double()
+        assert a.shape == r.shape, (k, a.shape, r.shape)
+        assert torch.isfinite(a).all(), f"{k}: non-finite values"
+        scale = max(r.abs().max().item(), 1e-3) if r.numel() else 1.0
+        err = (a - r).abs().max().item() / scale if r.numel() else 0.0
+        assert err <= tol, f"{k}: relative error {err:.3g} > {tol:g}"
+
+
+CASES = [
+    # (D, B, lengths, proj): B <= 8 takes the matrix-vector path, B > 8 the GEMM-per-step path
+    (1, 1, None, 0),
+    (2, 3, [5, 5, 3, 2, 1][:3], 0),
+    (2, 5, [6, 4, 4, 1, 1], 0),
+    (1, 8, None, 0),
+    (2, 11, [7, 7, 6, 5, 5, 3, 3, 2, 1, 1, 1], 0),
+    (1, 12, None, 0),
+    (2, 4, [4, 3, 1, 1], 5),
+    (2, 10, [5, 5, 4, 4, 3, 3, 2, 2, 1, 1], 5),
+]
+
+
+def case_id(c):
+    D, B, lengths, proj = c
+    return f"D{D}-B{B}-{'packed' if lengths else 'padded'}-{'proj' if proj else 'noproj'}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference(mode, case, dtype, capability):
+    D, B, lengths, proj = case
+    if proj and mode != "lstm":
+        pytest.skip("proj_size is an LSTM feature")
+    # H = 40 is not a multiple of the vector width and splits into two thread slices of 24 and 16 hidden units.
+    args, grads = make_case(mode, D, B, lengths, I=7, H=40, proj=proj, dtype=torch.float64)
+    ref = run("reference", args, grads)
+    ours = run("cpu", args, grads, dtype=dtype)
+    assert ours["y"].dtype == dtype
+    assert_match(ours, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_bias_and_large_hidden(mode, capability):
+    """No biases; H = 70 (several vectors plus a tail per thread slice); T = 1 (a cell call)."""
+    args, grads = make_case(mode, 2, 9, [1] * 9, I=13, H=70, proj=0, dtype=torch.float64, bias=False)
+    assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
+    args, grads = make_case(mode, 1, 2, [3, 1], I=13, H=70, proj=0, dtype=torch.float64, bias=False)
+    assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
+
+
+def test_inference_outputs_and_empty_reserve():
+    args, _ = make_case("lstm", 2, 3, [4, 2, 1], I=5, H=16, proj=0, dtype=torch.float32)
+    y, hy, cy, reserve = forward("cpu", args, False)
+    y_t, hy_t, cy_t, reserve_t = forward("cpu", args, True)
+    assert reserve.shape == (0,) and reserve_t.shape == (2, int(args["batch_sizes"].sum()), 5 * 16)
+    assert torch.equal(y, y_t) and torch.equal(hy, hy_t) and torch.equal(cy, cy_t)
+
+
+def test_capability_switch():
+    cpu.set_capability("default")
+    assert cpu.capability() == "DEFAULT"
+    cpu.set_capability("auto")
+    assert cpu.capability() in ("DEFAULT", "AVX2")
+    with pytest.raises(ValueError):
+        cpu.set_capability("sse9")
+
+
+def test_bad_inputs_raise():
+    args, _ = make_case("gru", 1, 2, None, I=5, H=8, proj=0, dtype=torch.float32)
+    bad = dict(args, batch_sizes=torch.tensor([2, 3, 1, 1, 1]))
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        forward("cpu", bad, False)
+    bad = dict(args, weights=args["weights"][:3])
+    with pytest.raises(RuntimeError, match="weights"):
+        forward("cpu", bad, False)
+
+
+@pytest.mark.parametrize("mode,proj", [("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_relu", 0)])
+def test_opcheck(mode, proj):
+    args, grads = make_case(mode, 2, 3, [3, 2, 1], I=4, H=6, proj=proj, dtype=torch.float64)
+    fwd_args = (args["mode"], args["x"], args["batch_sizes"], args["hx"], args["cx"], args["weights"],
+                args["has_biases"], args["num_directions"], True)
+    torch.library.opcheck(torch.ops.fusedrnn.cpu_rnn_forward.default, fwd_args)
+    y, _, _, reserve = torch.ops.fusedrnn.cpu_rnn_forward(*fwd_args)
+    bwd_args = (args["mode"], *grads, args["x"], args["batch_sizes"], args["hx"], args["cx"], args["weights"],
+                args["has_biases"], args["num_directions"], y, reserve)
+    torch.library.opcheck(torch.ops.fusedrnn.cpu_rnn_backward.default, bwd_args)
+
+
+def test_gil_released():
+    """A Python thread keeps running while a long kernel call is in flight."""
+    args, _ = make_case("lstm", 1, 1, [400], I=64, H=256, proj=0, dtype=torch.float32)
+    ticks = []
+    done = threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    t0 = time.perf_counter()
+    forward("cpu", args, False)
+    solo = time.perf_counter() - t0
+    th = threading.Thread(target=ticker)
+    th.start()
+    time.sleep(0.01)
+    n0 = len(ticks)
+    for _ in range(max(1, int(0.1 / max(solo, 1e-4)))):
+        forward("cpu", args, False)
+    n1 = len(ticks)
+    done.set()
+    th.join()
+    assert n1 - n0 >= 5, f"only {n1 - n0} ticks while the kernel ran: the GIL was held"
