@@ -121,6 +121,19 @@ def test_layer_two_batch_blocks(mode):
 
 
 @interp_only
+def test_layer_hidden_1024():
+    """LSTM, H = 1024: W_hh streamed as 8 x 8 tiles of 128 x 128 per gate and step (the interpreter's cost grows with
+    the number of tiles, so larger tiles than the GPU's; the tile loops are shared by all modes)."""
+    mode, T, B = "lstm", 2, 2
+    case, grads = _layer_case(mode, T, B, I=8, H=1024, D=1, has_biases=True, lengths=[2, 1], seed=5)
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, True, 1, torch.float64)
+    out_f, out_b = _run_layer(launch.forward, launch.backward, mode, case, grads, True, 1, torch.float32,
+                              blocks=(16, 128, 128, 4, 1))
+    assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
+    assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
+
+
+@interp_only
 def test_layer_inference_and_empty_reserve():
     """train=False: no reserve, same outputs as train=True."""
     case, _ = _layer_case("gru", 3, 2, 4, 16, 1, True, [3, 2])
@@ -184,7 +197,7 @@ def _check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, layers=1):
 
 @interp_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("cell", MODULE_CELLS[:2], ids=["LSTM", "GRU"])
+@pytest.mark.parametrize("cell", MODULE_CELLS[:3], ids=["LSTM", "GRU", "RNNtanh"])
 def test_module_low_precision_2x_rule(cell, dtype):
     """fp16/bf16: our error vs float64 at most 2x torch.nn's own error in the same dtype (torch.nn on the CPU)."""
     kind, kw = cell
