@@ -315,7 +315,7 @@ def test_report_and_plots_in_tmp_dir(tiny_results, tmp_path):
     text = report.write_report(tiny_results, str(tmp_path / "report.md"), made, note, "old -> new")
     assert (tmp_path / "report.md").read_text() == text
     assert "test cpu" in text and "2026-01-01" in text and "GEMM peak" in text
-    assert "✅ met" in text and "❌ missed" in text and "1 of 2 targets met" in text
+    assert "✅ met" in text and "❌ missed" in text and "1 of 2 measured targets met" in text
     for f in files:
         assert f"]({f})" in text
     assert "LSTM T=4 B=3 I=5 H=6 fp32" in text and "GRU T=5 B=3 H=4 (2L, bi, packed) fp32" in text

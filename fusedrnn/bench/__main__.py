@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -59,6 +60,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # torch.nn says once per process that it falls back from oneDNN; the report shows the times instead
+    warnings.filterwarnings("ignore", message=".*not supported with oneDNN.*")
     preset = "quick" if args.quick else "full"
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,6 +22,12 @@ def _mpl():
         return None
 
 
+def _null_formatter():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def _sweep_series(rows, group, key, cell, mode):
     """{(backend, dtype): [(x, median, q1, q3)]} for the rows of a sweep group."""
     series: dict[tuple, list] = {}
@@ -48,6 +54,12 @@ def _speedup_plot(plt, rows, group, key, label, cell, mode, path) -> bool:
         ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.2)
     ax.axhline(1.0, color="k", lw=0.8, ls="--", label="torch.nn")
     ax.set_xscale("log", base=2)
+    ticks = sorted({p[0] for pts in series.values() for p in pts})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(_null_formatter())
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
     ax.set_xlabel(label)
     ax.set_ylabel("speed-up over torch.nn")
     ax.set_title(f"{cell.upper()} {fmt.MODE_TITLES[mode]}")
@@ -88,6 +100,8 @@ def _error_plot(plt, rows, path) -> bool:
         ax.scatter([p[0] for p in v], [p[1] for p in v], marker=markers[kind], label=f"{n} {kind}", alpha=0.7)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(_null_formatter())
+    ax.yaxis.set_minor_formatter(_null_formatter())
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("torch.nn relative error (same dtype) vs float64")
