@@ -167,5 +167,15 @@ template <typename T> cudaError_t proj_grad_step(const ProjGradStep<T>& a, cudaS
 template <typename T> cudaError_t gru_backward_step(const GruBackwardStep<T>& a, cudaStream_t stream);
 template <typename T> cudaError_t rnn_backward_step(const RnnBackwardStep<T>& a, cudaStream_t stream);
 
+// The same element code run by a plain loop on the host, on host pointers: lets the driver (torch_ops.cpp) and these
+// kernels' index arithmetic be tested against a float64 oracle on a machine without a GPU. Not a fast path.
+template <typename T> void lstm_forward_step_host(const LstmForwardStep<T>& a);
+template <typename T> void gru_forward_step_host(const GruForwardStep<T>& a);
+template <typename T> void rnn_forward_step_host(const RnnForwardStep<T>& a);
+template <typename T> void lstm_backward_step_host(const LstmBackwardStep<T>& a);
+template <typename T> void proj_grad_step_host(const ProjGradStep<T>& a);
+template <typename T> void gru_backward_step_host(const GruBackwardStep<T>& a);
+template <typename T> void rnn_backward_step_host(const RnnBackwardStep<T>& a);
+
 }  // namespace cuda
 }  // namespace fusedrnn

@@ -4,7 +4,7 @@
 // Dimension letters (docs/design.md): T steps, B batch, N = sum(batch_sizes) packed rows, I input size, H hidden size,
 // P size of h (proj_size or H), G gates (LSTM 4, GRU 3, RNN 1), D directions, R reserve width (LSTM 5H, GRU 4H, RNN 0).
 //
-// Ops (CUDA dispatch key; the fakes are in fusedrnn/cuda.py):
+// Ops (CUDA dispatch key; the fakes are in fusedrnn/cuda.py; see the end of the file for the CPU key):
 //   fusedrnn::cuda_rnn_forward(mode, x [N, I], batch_sizes [T] int64 CPU, hx [D, B, P], cx [D, B, H] or None,
 //       weights, has_biases, num_directions, train) -> (y [N, D*P], hy [D, B, P], cy [D, B, H] or [0],
 //       reserve [D, N, R] or [0])
@@ -21,6 +21,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
@@ -80,7 +81,7 @@ Layer parse_layer(c10::string_view mode, const Tensor& x, const Tensor& batch_si
   L.has_biases = has_biases;
   TORCH_CHECK(num_directions == 1 || num_directions == 2, "fusedrnn cuda: num_directions must be 1 or 2");
   L.D = num_directions;
-  TORCH_CHECK(x.is_cuda(), "fusedrnn cuda: x must be a CUDA tensor");
+  TORCH_CHECK(x.is_cuda() || x.is_cpu(), "fusedrnn cuda: x must be a CUDA (or, for the host check, CPU) tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "fusedrnn cuda: dtype ", x.scalar_type(), " is not supported (float32, float16, bfloat16)");
   TORCH_CHECK(x.dim() == 2, "fusedrnn cuda: x must be [N, I], got ", x.sizes());
@@ -154,6 +155,8 @@ T* ptr(const Tensor& t) {
 void mm_f32(Tensor out, const Tensor& a, const Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b);
+  } else if (a.is_cpu()) {  // host check only: float32 products of 16-bit values are exact, so this is the same sum
+    out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
   } else {
     at::mm_out(out, a, b, at::kFloat);
   }
@@ -164,23 +167,41 @@ void mm_f32(Tensor out, const Tensor& a, const Tensor& b) {
 void mm_rounded(Tensor out, const Tensor& a, const Tensor& b) {
   if (out.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b);
+  } else if (a.is_cpu()) {
+    out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
   } else {
     out.copy_(at::mm(a, b, at::kFloat));
   }
 }
 
-// One stream per direction: direction 0 on the caller's stream, direction 1 on a pool stream forked from it.
-// Everything a side stream touches is allocated on the caller's stream before the fork, and the caller's stream
-// waits for the side stream (join) before anything is returned or freed, so no record_stream is needed.
-struct DirectionStreams {
+// Where the steps run. CUDA: one stream per direction, direction 0 on the caller's stream, direction 1 on a pool
+// stream forked from it. Everything a side stream touches is allocated on the caller's stream before the fork, and
+// the caller's stream waits for the side stream (join) before anything is returned or freed, so no record_stream is
+// needed. CPU tensors (host check): the kernels' element code in a host loop, directions one after the other.
+struct Exec {
+  bool host;
   std::vector<c10::cuda::CUDAStream> s;
-  explicit DirectionStreams(int64_t D, c10::DeviceIndex device) {
-    s.push_back(c10::cuda::getCurrentCUDAStream(device));
+  Exec(int64_t D, const at::Device& device) : host(device.is_cpu()) {
+    if (host) return;
+    s.push_back(c10::cuda::getCurrentCUDAStream(device.index()));
     if (D == 2) {
-      s.push_back(c10::cuda::getStreamFromPool(false, device));
+      s.push_back(c10::cuda::getStreamFromPool(false, device.index()));
       at::cuda::CUDAEvent fork;
       fork.record(s[0]);
       fork.block(s[1]);
+    }
+  }
+  // Makes direction d's stream current (for at::mm and copies) while `guard` lives.
+  void enter(c10::cuda::OptionalCUDAStreamGuard& guard, int64_t d) const {
+    if (!host) guard.reset_stream(s[d]);
+  }
+  template <typename A>
+  void step(int64_t d, cudaError_t (*device_fn)(const A&, cudaStream_t), void (*host_fn)(const A&),
+            const A& a) const {
+    if (host) {
+      host_fn(a);
+    } else {
+      C10_CUDA_CHECK(device_fn(a, s[d].stream()));
     }
   }
   void join() {
@@ -216,14 +237,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
       gh[d] = at::empty({B, GH}, f32);
       if (L.has_proj) h_full[d] = at::empty({B, H}, opts);
     }
-    DirectionStreams streams(D, x.device().index());
+    Exec ex(D, x.device());
     for (int64_t s = 0; s < L.T; ++s) {
       for (int64_t d = 0; d < D; ++d) {
         const int64_t t = d == 0 ? s : L.T - 1 - s;
         const int64_t b = L.bs[t], off = L.offs[t];
         if (b == 0) continue;
-        c10::cuda::CUDAStreamGuard guard(streams.s[d]);
-        const cudaStream_t stream = streams.s[d].stream();
+        c10::cuda::OptionalCUDAStreamGuard guard;
+        ex.enter(guard, d);
         Tensor h_carry = hy.select(0, d);  // [B, P]: row j holds the h that row j's next step reads
         mm_f32(gh[d].narrow(0, 0, b), h_carry.narrow(0, 0, b), L.w_hh[d].t());
         const float* gx_t = gx.data_ptr<float>() + off * D * GH + d * GH;
@@ -249,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
             a.h_carry = ptr<T>(hy) + d * B * P;
           }
           a.reserve = res_t;
-          C10_CUDA_CHECK(lstm_forward_step<T>(a, stream));
+          ex.step<LstmForwardStep<T>>(d, &lstm_forward_step<T>, &lstm_forward_step_host<T>, a);
           if (L.has_proj) {
             Tensor h_t = h_carry.narrow(0, 0, b);
             at::mm_out(h_t, h_full[d].narrow(0, 0, b), L.w_hr[d].t());
@@ -268,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
           a.y = y_t;
           a.ld_y = D * P;
           a.reserve = res_t;
-          C10_CUDA_CHECK(gru_forward_step<T>(a, stream));
+          ex.step<GruForwardStep<T>>(d, &gru_forward_step<T>, &gru_forward_step_host<T>, a);
         } else {
           RnnForwardStep<T> a{};
           a.b = b;
@@ -282,11 +303,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
           a.h_carry = ptr<T>(hy) + d * B * P;
           a.y = y_t;
           a.ld_y = D * P;
-          C10_CUDA_CHECK(rnn_forward_step<T>(a, stream));
+          ex.step<RnnForwardStep<T>>(d, &rnn_forward_step<T>, &rnn_forward_step_host<T>, a);
         }
       }
     }
-    streams.join();
+    ex.join();
   }
   Tensor cy = L.lstm() ? c32.to(x.scalar_type()) : at::empty({0}, opts);
   return {y, hy, cy, reserve};
@@ -345,7 +366,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     }
   }
 
-  DirectionStreams streams(D, x.device().index());
+  Exec ex(D, x.device());
   for (int64_t s = 0; s < L.T; ++s) {
     for (int64_t d = 0; d < D; ++d) {
       // Reverse of the forward order: direction 0 from the last step down, direction 1 from step 0 up.
@@ -364,8 +385,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
         n_prev = t == L.T - 1 ? 0 : L.bs[t + 1];
         prev_off = t == L.T - 1 ? 0 : L.offs[t + 1];
       }
-      c10::cuda::CUDAStreamGuard guard(streams.s[d]);
-      const cudaStream_t stream = streams.s[d].stream();
+      c10::cuda::OptionalCUDAStreamGuard guard;
+      ex.enter(guard, d);
       const T* gy_t = ptr<T>(grad_y) + off * D * P + d * P;
       float* dhc = dh_carry.data_ptr<float>() + d * B * P;
       const float* dhr = dh_rec.data_ptr<float>() + d * B * P;
@@ -395,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
           p.ld_h_prev = D * P;
           p.hx = hx_d;
           p.h_prev_out = h_prev_t;
-          C10_CUDA_CHECK(proj_grad_step<T>(p, stream));
+          ex.step<ProjGradStep<T>>(d, &proj_grad_step<T>, &proj_grad_step_host<T>, p);
           mm_f32(dh_full[d].narrow(0, 0, b), dh_p[d].narrow(0, off, b), L.w_hr[d]);
           a.dh_full = dh_full[d].data_ptr<float>();
           a.h_full_out = ptr<T>(h_full[d]) + off * H;
@@ -415,7 +436,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
         a.cx = ptr<T>(cx_c) + d * B * H;
         a.dg = dg_t;
         a.ld_dg = D * GH;
-        C10_CUDA_CHECK(lstm_backward_step<T>(a, stream));
+        ex.step<LstmBackwardStep<T>>(d, &lstm_backward_step<T>, &lstm_backward_step_host<T>, a);
       } else if (L.gru()) {
         GruBackwardStep<T> a{};
         a.b = b;
@@ -434,7 +455,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
         a.dgi = dg_t;
         a.ld_dgi = D * GH;
         a.dgh = ptr<T>(dgh[d]) + off * GH;
-        C10_CUDA_CHECK(gru_backward_step<T>(a, stream));
+        ex.step<GruBackwardStep<T>>(d, &gru_backward_step<T>, &gru_backward_step_host<T>, a);
       } else {
         RnnBackwardStep<T> a{};
         a.b = b;
@@ -454,7 +475,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
         a.h_prev_out = h_prev_t;
         a.dg = dg_t;
         a.ld_dg = D * GH;
-        C10_CUDA_CHECK(rnn_backward_step<T>(a, stream));
+        ex.step<RnnBackwardStep<T>>(d, &rnn_backward_step<T>, &rnn_backward_step_host<T>, a);
       }
       // dh_rec[0:b] = dgh_t @ W_hh: the gradient reaching h_{t-1} through the recurrent weights.
       mm_f32(dh_rec.select(0, d).narrow(0, 0, b), dgh[d].narrow(0, off, b), L.w_hh[d]);
@@ -463,7 +484,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
 
   // After the loop, still one stream per direction: states' gradients and this direction's weight gradients.
   for (int64_t d = 0; d < D; ++d) {
-    c10::cuda::CUDAStreamGuard guard(streams.s[d]);
+    c10::cuda::OptionalCUDAStreamGuard guard;
+    ex.enter(guard, d);
     grad_hx.select(0, d).copy_(dh_carry.select(0, d) + dh_rec.select(0, d));
     if (L.lstm()) grad_cx.select(0, d).copy_(dc.select(0, d));
     Tensor* gw = grad_w.data() + d * per;
@@ -480,7 +502,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
     }
     if (L.has_proj) mm_rounded(gw[per - 1], dh_p[d].t(), h_full[d]);  // dW_hr [P, H]
   }
-  streams.join();
+  ex.join();
   if (N > 0) {
     const Tensor w_ih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);  // [D*GH, I]
     mm_rounded(grad_x, dgi, w_ih_cat);
@@ -493,7 +515,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_rnn_forward(c10::string_view mod
                                                             const std::optional<Tensor>& cx, at::TensorList weights,
                                                             bool has_biases, int64_t num_directions, bool train) {
   const Layer L = parse_layer(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   const Tensor xc = x.contiguous();
   switch (x.scalar_type()) {
     case at::kFloat: return forward_impl<float>(L, xc, hx, cx, train);
@@ -507,7 +529,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> cuda_rnn_backward(
     const Tensor& batch_sizes, const Tensor& hx, const std::optional<Tensor>& cx, at::TensorList weights,
     bool has_biases, int64_t num_directions, const Tensor& y, const Tensor& reserve) {
   const Layer L = parse_layer(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::OptionalDeviceGuard device_guard(at::device_of(x));
   check_tensor(grad_y, x, "grad_y", {L.N, L.D * L.P});
   check_tensor(grad_hy, x, "grad_hy", {L.D, L.B, L.P});
   check_tensor(y, x, "y", {L.N, L.D * L.P});
@@ -537,6 +559,14 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CUDA, m) {
+  m.impl("cuda_rnn_forward", &cuda_rnn_forward);
+  m.impl("cuda_rnn_backward", &cuda_rnn_backward);
+}
+
+// CPU tensors run the same driver with the kernels' element code in host loops (kernels.h, *_host): a check of this
+// file's indexing, carries and GEMM shapes on machines without a GPU (tests/test_cuda.py). Not a backend: the cuda
+// backend's supports() is False on the CPU, and the cpu backend is csrc/cpu.
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("cuda_rnn_forward", &cuda_rnn_forward);
   m.impl("cuda_rnn_backward", &cuda_rnn_backward);
 }
