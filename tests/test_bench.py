@@ -18,6 +18,15 @@ from fusedrnn.bench.progress import Progress
 from fusedrnn.bench.readme import readme_section
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Nothing here is timed for real; with one thread tiny ops do not stall on a busy machine's OpenMP barriers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---- timing --------------------------------------------------------------------------------------------------
 
 class FakeClock:
@@ -216,9 +225,15 @@ TINY = [
 ]
 
 
+FAKE_PEAK = 12345
+
+
 @pytest.fixture(scope="module")
 def tiny_results():
-    return _tiny_results(TINY, FakeClock())
+    # the profiler costs ~0.5 s a session; its own test is test_cpu_peak_bytes_sees_an_allocation
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "cpu_peak_bytes", lambda fn: (fn(), FAKE_PEAK)[1])
+        return _tiny_results(TINY, FakeClock())
 
 
 def test_results_match_schema_and_numbers(tiny_results):
@@ -244,6 +259,7 @@ def test_results_match_schema_and_numbers(tiny_results):
     assert (r["target"], r["met"]) == (1.5, True)
     assert (res["rows"][1]["target"], res["rows"][1]["met"]) == (3.0, False)
     bwd = res["rows"][1]["impls"]["fake"]
+    assert bwd["peak_mem_bytes"] == FAKE_PEAK and nn["peak_mem_bytes"] == FAKE_PEAK
     assert bwd["saved_bytes"] > 0 and bwd["saved_bytes_per_token"] == pytest.approx(bwd["saved_bytes"] / 12)
     packed = [x for x in res["rows"] if x["case"]["packed"]][0]
     assert packed["tokens"] == TINY[2].tokens and packed["impls"]["fake"]["status"] == "ok"

@@ -43,7 +43,8 @@ def load_warning(res: dict) -> str | None:
     other = max(loads) - threads
     if other > max(cores - threads, 0) + 0.5:
         return (f"> **Warning: the machine was loaded (1-min load average up to {max(loads):.1f} on {cores} cores "
-                f"with {threads} torch threads). Absolute times are unreliable; interleaved ratios less so.**")
+                f"with {threads} torch threads). Absolute times are unreliable, interleaved ratios less so; rerun on an "
+                f"idle machine, or with --threads 1 to avoid OpenMP stalls.**")
     return None
 
 
