@@ -53,22 +53,26 @@ def test_interpreter_suite():
 # ---------------------------------------------------------------------------------------------------------------------
 # layer-op level: fusedrnn.triton.launch against fusedrnn.reference (float64)
 
-def _layer_case(mode, T, B, I, H, D, has_biases, lengths, seed=0):
-    """Random inputs of one layer in float64: x [N, I], batch_sizes, hx, cx, weights, and upstream grads."""
+def _layer_case(mode, T, B, I, H, D, has_biases, lengths, seed=0, P=None):
+    """Random inputs of one layer in float64: x [N, I], batch_sizes, hx, cx, weights, and upstream grads.
+    P: LSTM proj_size (None: no projection)."""
     g = torch.Generator().manual_seed(seed)
     lengths = sorted(lengths, reverse=True)
     bs = torch.tensor([sum(1 for L in lengths if L > t) for t in range(T)], dtype=torch.int64)
     N = int(bs.sum())
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     k = H ** -0.5
+    proj, P = P is not None, P or H
     weights = []
     for _ in range(D):
-        weights += [r(G[mode] * H, I) * k, r(G[mode] * H, H) * k]
+        weights += [r(G[mode] * H, I) * k, r(G[mode] * H, P) * k]
         if has_biases:
             weights += [r(G[mode] * H) * k, r(G[mode] * H) * k]
+        if proj:
+            weights += [r(P, H) * k]
     cx = r(D, B, H) if mode == "lstm" else None
-    grads = (r(N, D * H), r(D, B, H), r(D, B, H) if mode == "lstm" else torch.zeros(0, dtype=torch.float64))
-    return dict(x=r(N, I), batch_sizes=bs, hx=r(D, B, H), cx=cx, weights=weights), grads
+    grads = (r(N, D * P), r(D, B, P), r(D, B, H) if mode == "lstm" else torch.zeros(0, dtype=torch.float64))
+    return dict(x=r(N, I), batch_sizes=bs, hx=r(D, B, P), cx=cx, weights=weights), grads
 
 
 def _cast(case, dtype):
@@ -105,6 +109,20 @@ def test_layer_vs_reference_fp32(mode, seq, D):
                               blocks=(16, 16, 16, 4, 1))
     assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
     assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
+
+
+@interp_only
+@pytest.mark.parametrize("seq", ["padded", "packed"])
+@pytest.mark.parametrize("D", [1, 2], ids=["uni", "bi"])
+def test_layer_lstm_proj_fp32(seq, D):
+    """LSTM with proj_size: P=17 and H=20 with 16-wide tiles (both streamed in two tiles, the second masked)."""
+    T, B, lengths = SEQS[seq]
+    case, grads = _layer_case("lstm", T, B, I=5, H=20, D=D, has_biases=D == 2, lengths=lengths, P=17, seed=3)
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, "lstm", case, grads, D == 2, D, torch.float64)
+    out_f, out_b = _run_layer(launch.forward, launch.backward, "lstm", case, grads, D == 2, D, torch.float32,
+                              blocks=(16, 16, 16, 4, 1))
+    assert_close_all(out_f, ref_f, torch.float32, "lstm-proj forward")
+    assert_close_all(out_b, ref_b, torch.float32, "lstm-proj backward")
 
 
 @interp_only
@@ -147,11 +165,16 @@ def test_layer_inference_and_empty_reserve():
 # ---------------------------------------------------------------------------------------------------------------------
 # module level, through torch.ops.fusedrnn.rnn_layer (the path users take)
 
-MODULE_CELLS = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"})]
+MODULE_CELLS = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"}),
+                ("LSTM", {"proj_size": 5})]
+
+
+def _cell_id(c):
+    return c[0] + c[1].get("nonlinearity", "") + ("-proj" if "proj_size" in c[1] else "")
 
 
 @interp_only
-@pytest.mark.parametrize("cell", MODULE_CELLS, ids=lambda c: c[0] + c[1].get("nonlinearity", ""))
+@pytest.mark.parametrize("cell", MODULE_CELLS, ids=_cell_id)
 def test_module_packed_bidirectional_fp32(cell):
     """fusedrnn.<Module>(backend="triton"), 2 layers, bidirectional, unsorted packed input, vs torch.nn in float64."""
     kind, kw = cell
@@ -197,7 +220,7 @@ def _check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, layers=1):
 
 @interp_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("cell", MODULE_CELLS[:3], ids=["LSTM", "GRU", "RNNtanh"])
+@pytest.mark.parametrize("cell", MODULE_CELLS[:3] + MODULE_CELLS[4:], ids=_cell_id)
 def test_module_low_precision_2x_rule(cell, dtype):
     """fp16/bf16: our error vs float64 at most 2x torch.nn's own error in the same dtype (torch.nn on the CPU)."""
     kind, kw = cell
@@ -210,21 +233,13 @@ def test_module_low_precision_2x_rule(cell, dtype):
 def test_supports():
     b = get_backend("triton")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert not b.supports(cuda, torch.float32, "lstm", True), "proj_size must go to another backend"
     assert not b.supports(cuda, torch.float64, "gru", False)
+    assert not b.supports(cuda, torch.float32, "gru", True), "projection exists only for LSTM"
     assert b.supports(cpu, torch.float32, "lstm", False) == INTERPRETING
     for mode in MODES:
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             assert b.supports(cuda, dt, mode, False) == (not INTERPRETING)
-
-
-def test_proj_size_rejected():
-    """A direct call with projection weights must fail loudly, never compute something else."""
-    case, _ = _layer_case("lstm", 2, 1, 3, 4, 1, False, [2])
-    w = [t.float() for t in case["weights"]] + [torch.zeros(2, 4)]
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        launch.forward("lstm", case["x"].float(), case["batch_sizes"], case["hx"].float()[..., :2],
-                       case["cx"].float(), w, False, 1, False)
+    assert b.supports(cuda, torch.bfloat16, "lstm", True) == (not INTERPRETING)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,9 +268,10 @@ def _compile_for(kernel, const, opts, dtype, arch):
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the compiler")
 @pytest.mark.parametrize("mode,dtype,H,arch", [("lstm", torch.bfloat16, 1024, 90), ("lstm", torch.float32, 1024, 90),
                                                ("gru", torch.float16, 256, 90), ("rnn_relu", torch.float32, 64, 90),
-                                               ("lstm", torch.float16, 512, 80)],
+                                               ("lstm", torch.float16, 512, 80),
+                                               ("lstm-proj", torch.bfloat16, 768, 90)],
                          ids=["lstm-bf16-sm90", "lstm-fp32-sm90", "gru-fp16-sm90", "rnn_relu-fp32-sm90",
-                              "lstm-fp16-sm80"])
+                              "lstm-fp16-sm80", "lstm-proj-bf16-sm90"])
 def test_gpu_codegen(mode, dtype, H, arch):
     """The launcher's exact compile-time configuration builds for NVIDIA targets (no GPU needed), with the step
     barriers and tensor-core / FMA dots in the PTX. Catches Triton-language errors the interpreter lets through."""
@@ -265,8 +281,10 @@ def test_gpu_codegen(mode, dtype, H, arch):
         pytest.skip("triton's NVIDIA backend is not installed")
     import fusedrnn.triton.kernels as K
 
-    for kernel, (const, opts) in ((K.rnn_fwd_kernel, launch.fwd_constexprs(mode, 2, True, True, H, dtype)),
-                                  (K.rnn_bwd_kernel, launch.bwd_constexprs(mode, 2, H, dtype))):
+    proj = mode == "lstm-proj"
+    mode = "lstm" if proj else mode
+    for kernel, (const, opts) in ((K.rnn_fwd_kernel, launch.fwd_constexprs(mode, 2, True, True, proj, H, dtype)),
+                                  (K.rnn_bwd_kernel, launch.bwd_constexprs(mode, 2, proj, H, dtype))):
         k = _compile_for(kernel, const, opts, dtype, arch)
         ptx = k.asm["ptx"]
         assert len(k.asm["cubin"]) > 0
@@ -304,7 +322,7 @@ def test_cuda_layer_fp32(mode, shape, D):
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("cell", MODULE_CELLS, ids=lambda c: c[0] + c[1].get("nonlinearity", ""))
+@pytest.mark.parametrize("cell", MODULE_CELLS, ids=_cell_id)
 @pytest.mark.parametrize("H", [64, 512])
 def test_cuda_low_precision_2x_rule(cell, dtype, H):
     """fp16/bf16 on CUDA: our error vs float64 at most 2x torch.nn's (cuDNN) in the same dtype."""

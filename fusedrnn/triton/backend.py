@@ -15,14 +15,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class TritonBackend(Backend):
-    """Fused time loop in one Triton launch per layer and direction pair; float32/float16/bfloat16 with float32
-    accumulation; LSTM, GRU, RNN (tanh/relu), bidirectional, packed. Not supported: LSTM proj_size (supports() is
-    False, so `auto` uses the cuda or reference backend for it)."""
+    """Fused time loop in one Triton launch per layer (both directions); float32/float16/bfloat16 with float32
+    accumulation; LSTM (with or without proj_size), GRU, RNN (tanh/relu), bidirectional, packed."""
 
     name = "triton"
 
     def supports(self, device: torch.device, dtype: torch.dtype, mode: str, has_proj: bool) -> bool:
-        if has_proj or dtype not in _DTYPES or mode not in MODES:
+        if dtype not in _DTYPES or mode not in MODES or (has_proj and mode != "lstm"):
             return False
         if device.type == "cuda":
             return not launch.interpreting()

@@ -1,7 +1,8 @@
 """Triton kernels for one RNN layer: the whole time loop runs inside one launch (forward and backward).
 
-Dimension letters (docs/design.md): T steps, B batch, N = sum(batch_sizes) packed rows, H hidden size (= P: no
-projection here), G gates (LSTM 4, GRU 3, RNN 1), D directions, R reserve width per row (LSTM 5H, GRU 4H, RNN 0).
+Dimension letters (docs/design.md): T steps, B batch, N = sum(batch_sizes) packed rows, H hidden size, P size of the
+recurrent h (LSTM proj_size, else H), G gates (LSTM 4, GRU 3, RNN 1), D directions, R reserve width per row (LSTM 5H,
+GRU 4H, RNN 0).
 
 Design (one program per (direction, block of BLOCK_B batch rows), owning the whole hidden dimension):
 - The input projection x W_ih^T + b for every step is one torch GEMM before the kernel (`xp`); the kernel does only
@@ -19,6 +20,9 @@ Design (one program per (direction, block of BLOCK_B batch rows), owning the who
 - Backward: per step, phase 1 turns dh (carried + grad_y) into gate gradients dG (pre-activation) stored to global;
   phase 2, after a barrier, computes dh_prev = dG W_hh by streaming W_hh tiles. Weight and input gradients are torch
   GEMMs over dG after the kernel.
+- LSTM projection (HAS_PROJ): a step first writes h_full = o * tanh(c) for all H columns to a scratch, then after a
+  barrier projects it, h = h_full W_hr^T, streaming W_hr tiles; backward turns dh [P] into dh_full = dh W_hr inside
+  the gate-gradient phase and stores dh per row for dW_hr = dh^T h_full (a torch GEMM after the kernel).
 - tanh is written as 2 * sigmoid(2x) - 1 (libdevice tanh does not run under TRITON_INTERPRET).
 - DOT_F32: dot operands upcast to float32 (used under the interpreter, whose bf16/fp16 dot is wrong or accumulates in
   low precision; products of 16-bit values are exact in float32, so results match a float32-accumulating GPU dot).
@@ -31,22 +35,36 @@ LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 
 
 @triton.jit
+def _store_h(p_y, p_hcur, p_hnxt, b_h, prow, rows64, d64, cols, m_live, m_keep, P, D: tl.constexpr):
+    """The new h of one [BLOCK_B, BLOCK_H] tile: rounded to y's dtype (what the next step and backward see), stored to
+    y for the live rows and to the next state buffer (dead rows carry their state over)."""
+    b_h = b_h.to(p_y.dtype.element_ty)
+    o_bp = rows64[:, None] * P + cols[None, :]
+    b_hprev = tl.load(p_hcur + o_bp, mask=m_keep, other=0., cache_modifier=".cg")
+    tl.store(p_y + prow[:, None] * (D * P) + d64 * P + cols[None, :], b_h, mask=m_live)
+    tl.store(p_hnxt + o_bp, tl.where(m_live, b_h.to(tl.float32), b_hprev), mask=m_keep)
+
+
+@triton.jit
 def rnn_fwd_kernel(
     p_xp,      # [N, D*G*H]  x W_ih^T + b_ih (+ b_hh except GRU's n part), x dtype
-    p_whh,     # [D, G*H, H] recurrent weights, x dtype
+    p_whh,     # [D, G*H, P] recurrent weights, x dtype
     p_bhn,     # [D, H]      GRU b_hn (read iff HAS_BHN)
-    p_hx,      # [D, B, H]   initial h
+    p_whr,     # [D, P, H]   LSTM projection weights (read iff HAS_PROJ)
+    p_hx,      # [D, B, P]   initial h
     p_cx,      # [D, B, H]   initial c (LSTM)
     p_bs,      # [T] int32   batch_sizes
     p_offs,    # [T] int32   exclusive cumsum of batch_sizes
-    p_y,       # [N, D*H]    output
-    p_hy,      # [D, B, H]   final h
+    p_y,       # [N, D*P]    output
+    p_hy,      # [D, B, P]   final h
     p_cy,      # [D, B, H]   final c (LSTM)
     p_res,     # [D, N, R]   reserve (TRAIN, LSTM/GRU)
-    p_hbuf,    # [D, 2, B, H] float32 scratch: h of the previous / current step
+    p_hbuf,    # [D, 2, B, P] float32 scratch: h of the previous / current step
     p_cbuf,    # [D, 2, B, H] float32 scratch: c (LSTM)
-    T, B, H, N,
+    p_fbuf,    # [D, B, H]    float32 scratch: unprojected h_full of the current step (HAS_PROJ)
+    T, B, H, P, N,
     MODE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TRAIN: tl.constexpr, HAS_BHN: tl.constexpr,
+    HAS_PROJ: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -57,20 +75,24 @@ def rnn_fwd_kernel(
     d64 = d.to(tl.int64)
     GH = G * H
     R = (G + 1) * H
-    p_whh_d = p_whh + d64 * GH * H
-    p_hbuf_d = p_hbuf + d64 * 2 * B * H
+    p_whh_d = p_whh + d64 * GH * P
+    p_whr_d = p_whr + d64 * P * H
+    p_hbuf_d = p_hbuf + d64 * 2 * B * P
     p_cbuf_d = p_cbuf + d64 * 2 * B * H
+    p_fbuf_d = p_fbuf + d64 * B * H
 
     # scratch buffer 0 <- initial state
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, P, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
-        m = m_row[:, None] & (cols < H)[None, :]
-        o_bh = rows64[:, None] * H + cols[None, :]
-        b_h0 = tl.load(p_hx + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32)
-        tl.store(p_hbuf_d + o_bh, b_h0, mask=m)
-        if MODE == 0:
-            b_c0 = tl.load(p_cx + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32)
-            tl.store(p_cbuf_d + o_bh, b_c0, mask=m)
+        m = m_row[:, None] & (cols < P)[None, :]
+        o_bp = rows64[:, None] * P + cols[None, :]
+        tl.store(p_hbuf_d + o_bp, tl.load(p_hx + d64 * B * P + o_bp, mask=m, other=0.).to(tl.float32), mask=m)
+    if MODE == 0:
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = m_row[:, None] & (cols < H)[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
+            tl.store(p_cbuf_d + o_bh, tl.load(p_cx + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32), mask=m)
     tl.debug_barrier()
 
     for s in range(T):
@@ -78,8 +100,8 @@ def rnn_fwd_kernel(
         n_alive = tl.load(p_bs + t)
         off = tl.load(p_offs + t)
         cur = s % 2
-        p_hcur = p_hbuf_d + cur * B * H
-        p_hnxt = p_hbuf_d + (1 - cur) * B * H
+        p_hcur = p_hbuf_d + cur * B * P
+        p_hnxt = p_hbuf_d + (1 - cur) * B * P
         p_ccur = p_cbuf_d + cur * B * H
         p_cnxt = p_cbuf_d + (1 - cur) * B * H
         m_alive = rows < n_alive
@@ -92,30 +114,30 @@ def rnn_fwd_kernel(
             acc2 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             acc3 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             # gates_hh[:, g*H + cols] = h_prev @ W_hh[g*H + cols, :]^T, W_hh streamed in [BLOCK_K, BLOCK_H] tiles
-            for k0 in range(0, H, BLOCK_K):
+            for k0 in range(0, P, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                m_k = ks < H
-                b_h = tl.load(p_hcur + rows64[:, None] * H + ks[None, :], mask=m_row[:, None] & m_k[None, :],
+                m_k = ks < P
+                b_h = tl.load(p_hcur + rows64[:, None] * P + ks[None, :], mask=m_row[:, None] & m_k[None, :],
                               other=0., cache_modifier=".cg")
                 if not DOT_F32:
                     b_h = b_h.to(p_whh.dtype.element_ty)
-                o_w = cols[None, :] * H + ks[:, None]
+                o_w = cols[None, :] * P + ks[:, None]
                 m_w = m_k[:, None] & m_col[None, :]
                 b_w = tl.load(p_whh_d + o_w, mask=m_w, other=0.)
                 if DOT_F32:
                     b_w = b_w.to(tl.float32)
                 acc0 = tl.dot(b_h, b_w, acc=acc0, input_precision=PREC)
                 if G > 1:
-                    b_w = tl.load(p_whh_d + H * H + o_w, mask=m_w, other=0.)
+                    b_w = tl.load(p_whh_d + H * P + o_w, mask=m_w, other=0.)
                     if DOT_F32:
                         b_w = b_w.to(tl.float32)
                     acc1 = tl.dot(b_h, b_w, acc=acc1, input_precision=PREC)
-                    b_w = tl.load(p_whh_d + 2 * H * H + o_w, mask=m_w, other=0.)
+                    b_w = tl.load(p_whh_d + 2 * H * P + o_w, mask=m_w, other=0.)
                     if DOT_F32:
                         b_w = b_w.to(tl.float32)
                     acc2 = tl.dot(b_h, b_w, acc=acc2, input_precision=PREC)
                 if G > 3:
-                    b_w = tl.load(p_whh_d + 3 * H * H + o_w, mask=m_w, other=0.)
+                    b_w = tl.load(p_whh_d + 3 * H * P + o_w, mask=m_w, other=0.)
                     if DOT_F32:
                         b_w = b_w.to(tl.float32)
                     acc3 = tl.dot(b_h, b_w, acc=acc3, input_precision=PREC)
@@ -124,7 +146,6 @@ def rnn_fwd_kernel(
             m_keep = m_row[:, None] & m_col[None, :]
             o_bh = rows64[:, None] * H + cols[None, :]
             p_xrow = p_xp + prow[:, None] * (D * GH) + d64 * GH + cols[None, :]
-            b_hprev = tl.load(p_hcur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
             p_rrow = p_res + (d64 * N + prow[:, None]) * R + cols[None, :]
             if MODE == 0:
                 b_i = tl.sigmoid(acc0 + tl.load(p_xrow, mask=m_live, other=0.).to(tl.float32))
@@ -149,6 +170,7 @@ def rnn_fwd_kernel(
                     b_hn += tl.load(p_bhn + d64 * H + cols, mask=m_col, other=0.).to(tl.float32)[None, :]
                 b_n = 2. * tl.sigmoid(2. * (tl.load(p_xrow + 2 * H, mask=m_live, other=0.).to(tl.float32)
                                             + b_r * b_hn)) - 1.
+                b_hprev = tl.load(p_hcur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
                 b_hnew = (1. - b_z) * b_n + b_z * b_hprev
                 if TRAIN:
                     tl.store(p_rrow, b_r.to(p_res.dtype.element_ty), mask=m_live)
@@ -161,44 +183,72 @@ def rnn_fwd_kernel(
                     b_hnew = 2. * tl.sigmoid(2. * b_a) - 1.
                 else:
                     b_hnew = tl.maximum(b_a, 0.)
-            # rounded to the output dtype, as the next step and backward (which reads y) see it
-            b_hnew = b_hnew.to(p_y.dtype.element_ty)
-            tl.store(p_y + prow[:, None] * (D * H) + d64 * H + cols[None, :], b_hnew, mask=m_live)
-            tl.store(p_hnxt + o_bh, tl.where(m_live, b_hnew.to(tl.float32), b_hprev), mask=m_keep)
+            if HAS_PROJ:
+                tl.store(p_fbuf_d + o_bh, b_hnew, mask=m_live)
+            else:   # P == H: this tile is the new h
+                _store_h(p_y, p_hcur, p_hnxt, b_hnew, prow, rows64, d64, cols, m_live, m_keep, P, D)
+
+        if HAS_PROJ:
+            tl.debug_barrier()
+            # h[:, cols] = h_full @ W_hr[cols, :]^T, W_hr streamed in [BLOCK_K, BLOCK_H] tiles
+            for h0 in range(0, P, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)
+                m_col = cols < P
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    m_k = ks < H
+                    b_f = tl.load(p_fbuf_d + rows64[:, None] * H + ks[None, :], mask=m_alive[:, None] & m_k[None, :],
+                                  other=0., cache_modifier=".cg")
+                    b_w = tl.load(p_whr_d + cols[None, :] * H + ks[:, None], mask=m_k[:, None] & m_col[None, :],
+                                  other=0.)
+                    if DOT_F32:
+                        b_w = b_w.to(tl.float32)
+                    else:
+                        b_f = b_f.to(p_whr.dtype.element_ty)
+                    acc = tl.dot(b_f, b_w, acc=acc, input_precision=PREC)
+                _store_h(p_y, p_hcur, p_hnxt, acc, prow, rows64, d64, cols, m_alive[:, None] & m_col[None, :],
+                         m_row[:, None] & m_col[None, :], P, D)
         tl.debug_barrier()
 
     fin = T % 2
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, P, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
-        m = m_row[:, None] & (cols < H)[None, :]
-        o_bh = rows64[:, None] * H + cols[None, :]
-        b_h = tl.load(p_hbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
-        tl.store(p_hy + d64 * B * H + o_bh, b_h.to(p_hy.dtype.element_ty), mask=m)
-        if MODE == 0:
+        m = m_row[:, None] & (cols < P)[None, :]
+        o_bp = rows64[:, None] * P + cols[None, :]
+        b_h = tl.load(p_hbuf_d + fin * B * P + o_bp, mask=m, other=0., cache_modifier=".cg")
+        tl.store(p_hy + d64 * B * P + o_bp, b_h.to(p_hy.dtype.element_ty), mask=m)
+    if MODE == 0:
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = m_row[:, None] & (cols < H)[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
             b_c = tl.load(p_cbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
             tl.store(p_cy + d64 * B * H + o_bh, b_c.to(p_cy.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def rnn_bwd_kernel(
-    p_gy,      # [N, D*H]     grad of y
-    p_ghy,     # [D, B, H]    grad of hy
+    p_gy,      # [N, D*P]     grad of y
+    p_ghy,     # [D, B, P]    grad of hy
     p_gcy,     # [D, B, H]    grad of cy (LSTM)
     p_res,     # [D, N, R]    reserve from the forward (LSTM/GRU)
-    p_y,       # [N, D*H]     forward output (RNN: activation derivative)
-    p_hprev,   # [D, N, H]    h_prev of every packed row (GRU)
+    p_y,       # [N, D*P]     forward output (RNN: activation derivative)
+    p_hprev,   # [D, N, P]    h_prev of every packed row (GRU)
     p_cprev,   # [D, N, H]    c_prev of every packed row (LSTM)
-    p_whh,     # [D, G*H, H]  recurrent weights
+    p_whh,     # [D, G*H, P]  recurrent weights
+    p_whr,     # [D, P, H]    projection weights (HAS_PROJ)
     p_bs,      # [T] int32
     p_offs,    # [T] int32
-    p_dg,      # [N, D*GD]    out: pre-activation gate grads; GD = 4H LSTM ([di,df,dg,do]), 4H GRU
-               #              ([dr,dz,dhn,dn]: the first 3H multiply W_hh, [dr,dz,dn] multiply W_ih), H RNN
-    p_dhx,     # [D, B, H]    out: grad of hx
+    p_dg,      # [N, D*GD*H]  out: pre-activation gate grads; GD = 4 LSTM ([di,df,dg,do]), 4 GRU
+               #              ([dr,dz,dhn,dn]: the first 3H multiply W_hh, [dr,dz,dn] multiply W_ih), 1 RNN
+    p_dhp,     # [N, D*P]     out (HAS_PROJ): total dh of every row, for dW_hr
+    p_dhx,     # [D, B, P]    out: grad of hx
     p_dcx,     # [D, B, H]    out: grad of cx (LSTM)
-    p_dhbuf,   # [D, 2, B, H] float32 scratch: dh carried between steps
+    p_dhbuf,   # [D, 2, B, P] float32 scratch: dh carried between steps
     p_dcbuf,   # [D, 2, B, H] float32 scratch: dc carried between steps (LSTM)
-    T, B, H, N,
-    MODE: tl.constexpr, G: tl.constexpr, GD: tl.constexpr, D: tl.constexpr,
+    T, B, H, P, N,
+    MODE: tl.constexpr, G: tl.constexpr, GD: tl.constexpr, D: tl.constexpr, HAS_PROJ: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -210,16 +260,21 @@ def rnn_bwd_kernel(
     GH = G * H
     GDH = GD * H          # width of one direction's dG block
     R = (G + 1) * H
-    p_whh_d = p_whh + d64 * GH * H
-    p_dhbuf_d = p_dhbuf + d64 * 2 * B * H
+    p_whh_d = p_whh + d64 * GH * P
+    p_whr_d = p_whr + d64 * P * H
+    p_dhbuf_d = p_dhbuf + d64 * 2 * B * P
     p_dcbuf_d = p_dcbuf + d64 * 2 * B * H
 
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, P, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
-        m = m_row[:, None] & (cols < H)[None, :]
-        o_bh = rows64[:, None] * H + cols[None, :]
-        tl.store(p_dhbuf_d + o_bh, tl.load(p_ghy + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32), mask=m)
-        if MODE == 0:
+        m = m_row[:, None] & (cols < P)[None, :]
+        o_bp = rows64[:, None] * P + cols[None, :]
+        tl.store(p_dhbuf_d + o_bp, tl.load(p_ghy + d64 * B * P + o_bp, mask=m, other=0.).to(tl.float32), mask=m)
+    if MODE == 0:
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = m_row[:, None] & (cols < H)[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
             tl.store(p_dcbuf_d + o_bh, tl.load(p_gcy + d64 * B * H + o_bh, mask=m, other=0.).to(tl.float32),
                      mask=m)
     tl.debug_barrier()
@@ -229,13 +284,14 @@ def rnn_bwd_kernel(
         n_alive = tl.load(p_bs + t)
         off = tl.load(p_offs + t)
         cur = s % 2
-        p_dhcur = p_dhbuf_d + cur * B * H
-        p_dhnxt = p_dhbuf_d + (1 - cur) * B * H
+        p_dhcur = p_dhbuf_d + cur * B * P
+        p_dhnxt = p_dhbuf_d + (1 - cur) * B * P
         p_dccur = p_dcbuf_d + cur * B * H
         p_dcnxt = p_dcbuf_d + (1 - cur) * B * H
         m_alive = rows < n_alive
         prow = off.to(tl.int64) + rows64
         p_dgrow = p_dg + prow[:, None] * (D * GDH) + d64 * GDH
+        p_gyrow = p_gy + prow[:, None] * (D * P) + d64 * P
 
         # phase 1: gate gradients of this step
         for h0 in range(0, H, BLOCK_H):
@@ -244,9 +300,26 @@ def rnn_bwd_kernel(
             m_live = m_alive[:, None] & m_col[None, :]
             m_keep = m_row[:, None] & m_col[None, :]
             o_bh = rows64[:, None] * H + cols[None, :]
-            b_dh = tl.load(p_dhcur + o_bh, mask=m_live, other=0., cache_modifier=".cg")
-            b_dh += tl.load(p_gy + prow[:, None] * (D * H) + d64 * H + cols[None, :], mask=m_live,
-                            other=0.).to(tl.float32)
+            if HAS_PROJ:
+                # dh_full[:, cols] = dh @ W_hr[:, cols], dh = carried + grad_y, streamed over P
+                b_dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for k0 in range(0, P, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    m_k = ks < P
+                    m_bk = m_alive[:, None] & m_k[None, :]
+                    b_dp = tl.load(p_dhcur + rows64[:, None] * P + ks[None, :], mask=m_bk, other=0.,
+                                   cache_modifier=".cg")
+                    b_dp += tl.load(p_gyrow + ks[None, :], mask=m_bk, other=0.).to(tl.float32)
+                    b_w = tl.load(p_whr_d + ks[:, None] * H + cols[None, :], mask=m_k[:, None] & m_col[None, :],
+                                  other=0.)
+                    if DOT_F32:
+                        b_w = b_w.to(tl.float32)
+                    else:
+                        b_dp = b_dp.to(p_whr.dtype.element_ty)
+                    b_dh = tl.dot(b_dp, b_w, acc=b_dh, input_precision=PREC)
+            else:
+                b_dh = tl.load(p_dhcur + o_bh, mask=m_live, other=0., cache_modifier=".cg")
+                b_dh += tl.load(p_gyrow + cols[None, :], mask=m_live, other=0.).to(tl.float32)
             p_rrow = p_res + (d64 * N + prow[:, None]) * R + cols[None, :]
             p_dgc = p_dgrow + cols[None, :]
             if MODE == 0:
@@ -289,41 +362,48 @@ def rnn_bwd_kernel(
         tl.debug_barrier()
 
         # phase 2: dh_prev = dG[:, :G*H] @ W_hh (+ dh * z for GRU), W_hh streamed in [BLOCK_K, BLOCK_H] tiles
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(0, P, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
-            m_col = cols < H
+            m_col = cols < P
             m_live = m_alive[:, None] & m_col[None, :]
             m_keep = m_row[:, None] & m_col[None, :]
-            o_bh = rows64[:, None] * H + cols[None, :]
+            o_bp = rows64[:, None] * P + cols[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             for k0 in range(0, GH, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 m_k = ks < GH
                 b_dg = tl.load(p_dgrow + ks[None, :], mask=m_alive[:, None] & m_k[None, :], other=0.,
                                cache_modifier=".cg")
-                b_w = tl.load(p_whh_d + ks[:, None] * H + cols[None, :], mask=m_k[:, None] & m_col[None, :],
+                b_w = tl.load(p_whh_d + ks[:, None] * P + cols[None, :], mask=m_k[:, None] & m_col[None, :],
                               other=0.)
                 if DOT_F32:
                     b_dg = b_dg.to(tl.float32)
                     b_w = b_w.to(tl.float32)
                 acc = tl.dot(b_dg, b_w, acc=acc, input_precision=PREC)
-            b_dhcur = tl.load(p_dhcur + o_bh, mask=m_keep, other=0., cache_modifier=".cg")
+            b_dhcur = tl.load(p_dhcur + o_bp, mask=m_keep, other=0., cache_modifier=".cg")
             if MODE == 1:
-                b_dh = b_dhcur + tl.load(p_gy + prow[:, None] * (D * H) + d64 * H + cols[None, :], mask=m_live,
-                                         other=0.).to(tl.float32)
+                b_dh = b_dhcur + tl.load(p_gyrow + cols[None, :], mask=m_live, other=0.).to(tl.float32)
                 b_z = tl.load(p_res + (d64 * N + prow[:, None]) * R + H + cols[None, :], mask=m_live,
                               other=0.).to(tl.float32)
                 acc += b_dh * b_z
-            tl.store(p_dhnxt + o_bh, tl.where(m_live, acc, b_dhcur), mask=m_keep)
+            if HAS_PROJ:
+                b_dh = b_dhcur + tl.load(p_gyrow + cols[None, :], mask=m_live, other=0.).to(tl.float32)
+                tl.store(p_dhp + prow[:, None] * (D * P) + d64 * P + cols[None, :],
+                         b_dh.to(p_dhp.dtype.element_ty), mask=m_live)
+            tl.store(p_dhnxt + o_bp, tl.where(m_live, acc, b_dhcur), mask=m_keep)
         tl.debug_barrier()
 
     fin = T % 2
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(0, P, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
-        m = m_row[:, None] & (cols < H)[None, :]
-        o_bh = rows64[:, None] * H + cols[None, :]
-        b_dh = tl.load(p_dhbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
-        tl.store(p_dhx + d64 * B * H + o_bh, b_dh.to(p_dhx.dtype.element_ty), mask=m)
-        if MODE == 0:
+        m = m_row[:, None] & (cols < P)[None, :]
+        o_bp = rows64[:, None] * P + cols[None, :]
+        b_dh = tl.load(p_dhbuf_d + fin * B * P + o_bp, mask=m, other=0., cache_modifier=".cg")
+        tl.store(p_dhx + d64 * B * P + o_bp, b_dh.to(p_dhx.dtype.element_ty), mask=m)
+    if MODE == 0:
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = m_row[:, None] & (cols < H)[None, :]
+            o_bh = rows64[:, None] * H + cols[None, :]
             b_dc = tl.load(p_dcbuf_d + fin * B * H + o_bh, mask=m, other=0., cache_modifier=".cg")
             tl.store(p_dcx + d64 * B * H + o_bh, b_dc.to(p_dcx.dtype.element_ty), mask=m)

@@ -1,7 +1,7 @@
 """Launchers: torch glue around the Triton kernels (input-projection GEMM before, weight-gradient GEMMs after).
 
-Shapes as in docs/design.md: x [N, I], batch_sizes [T] (CPU int64), hx/cx [D, B, H], y [N, D*H], reserve [D, N, R].
-No projection (proj_size) here: TritonBackend.supports() is False for it, so `auto` picks another backend.
+Shapes as in docs/design.md: x [N, I], batch_sizes [T] (CPU int64), hx [D, B, P], cx [D, B, H], y [N, D*P],
+reserve [D, N, R]; P = proj_size for an LSTM with projection, else H.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def interpreting() -> bool:
 
 def _blocks(H: int, dtype: torch.dtype, blocks):
     """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages). tl.dot needs every block dimension >= 16.
-    GPU choices checked with ptxas for sm_90a (no register spills, all modes, forward and backward): 16-bit
+    GPU choices checked with ptxas for sm_90a (H=1024, all modes and both kernels: at most 16 bytes of register
+    spills, in a few float32 variants): 16-bit
     64x64 tiles with 8 warps, float32 32x32 tiles with 4 warps (IEEE fp32 dots hold more registers)."""
     if blocks is not None:
         return blocks
@@ -38,20 +39,21 @@ def _blocks(H: int, dtype: torch.dtype, blocks):
     return 16, b, b, 8, 2
 
 
-def fwd_constexprs(mode: str, D: int, train: bool, has_biases: bool, H: int, dtype: torch.dtype, blocks=None):
+def fwd_constexprs(mode: str, D: int, train: bool, has_biases: bool, has_proj: bool, H: int, dtype: torch.dtype,
+                   blocks=None):
     """Compile-time arguments and launch options of rnn_fwd_kernel for one call."""
     BB, BH, BK, nw, ns = _blocks(H, dtype, blocks)
     dot_f32, prec = _dot_args(dtype)
     return dict(MODE=_MODE[mode], G=_GATES[mode], D=D, TRAIN=bool(train and _RES[mode]),
-                HAS_BHN=bool(mode == "gru" and has_biases), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, DOT_F32=dot_f32,
+                HAS_BHN=bool(mode == "gru" and has_biases), HAS_PROJ=bool(has_proj), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, DOT_F32=dot_f32,
                 PREC=prec), dict(num_warps=nw, num_stages=ns)
 
 
-def bwd_constexprs(mode: str, D: int, H: int, dtype: torch.dtype, blocks=None):
+def bwd_constexprs(mode: str, D: int, has_proj: bool, H: int, dtype: torch.dtype, blocks=None):
     """Compile-time arguments and launch options of rnn_bwd_kernel for one call."""
     BB, BH, BK, nw, ns = _blocks(H, dtype, blocks)
     dot_f32, prec = _dot_args(dtype)
-    return dict(MODE=_MODE[mode], G=_GATES[mode], GD=_GD[mode], D=D, BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+    return dict(MODE=_MODE[mode], G=_GATES[mode], GD=_GD[mode], D=D, HAS_PROJ=bool(has_proj), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
                 DOT_F32=dot_f32, PREC=prec), dict(num_warps=nw, num_stages=ns)
 
 
@@ -61,12 +63,14 @@ def _dot_args(dtype: torch.dtype):
     return interpreting(), "ieee" if (dtype == torch.float32 or interpreting()) else "tf32"
 
 
-def _split(weights, has_biases, D):
+def _split(mode, weights, has_biases, D):
+    """Per-direction weight groups, and whether they carry an LSTM projection w_hr [P, H] (last of each group)."""
     n = len(weights) // D
     groups = [weights[d * n:(d + 1) * n] for d in range(D)]
-    if n != 2 + 2 * has_biases:
-        raise NotImplementedError("fusedrnn triton backend: proj_size is not supported (auto picks another backend)")
-    return groups
+    has_proj = n == 3 + 2 * has_biases
+    if has_proj and mode != "lstm":
+        raise ValueError(f"fusedrnn triton backend: a projection weight was given for mode={mode}")
+    return groups, has_proj
 
 
 def _steps(batch_sizes: torch.Tensor, device):
@@ -93,17 +97,20 @@ def _prev_index(bs: torch.Tensor, offs: torch.Tensor, reverse: bool) -> torch.Te
 
 
 def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, blocks=None):
-    """One layer. x [N, I]; hx, cx [D, B, H] -> y [N, D*H], hy [D, B, H], cy [D, B, H] or [0], reserve [D, N, R]."""
+    """One layer. x [N, I]; hx [D, B, P], cx [D, B, H] or None -> y [N, D*P], hy [D, B, P], cy [D, B, H] or [0],
+    reserve [D, N, R] (train) or [0]."""
     D, G = num_directions, _GATES[mode]
     is_lstm, is_gru = mode == "lstm", mode == "gru"
-    groups = _split(weights, has_biases, D)
+    groups, has_proj = _split(mode, weights, has_biases, D)
     dev, dt = x.device, x.dtype
     T = batch_sizes.numel()
-    B, H = hx.shape[1], hx.shape[2]
+    B, P = hx.shape[1], hx.shape[2]
+    H = groups[0][1].shape[0] // G
     x = x.contiguous()
     N = x.shape[0]
     w_ih = torch.cat([g[0] for g in groups], 0)                      # [D*G*H, I]
-    w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, H]
+    w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, P]
+    w_hr = torch.stack([g[-1] for g in groups], 0).contiguous() if has_proj else w_hh   # [D, P, H]
     b_hn = x.new_empty(0)
     if has_biases:
         bias = []
@@ -117,8 +124,8 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
             b_hn = torch.stack([g[3][2 * H:] for g in groups]).contiguous()
     else:
         xp = torch.mm(x, w_ih.t())
-    y = torch.empty(N, D * H, device=dev, dtype=dt)
-    hy = torch.empty(D, B, H, device=dev, dtype=dt)
+    y = torch.empty(N, D * P, device=dev, dtype=dt)
+    hy = torch.empty(D, B, P, device=dev, dtype=dt)
     cy = torch.empty(D, B, H, device=dev, dtype=dt) if is_lstm else x.new_empty(0)
     R = _RES[mode] * H
     reserve = torch.empty(D, N, R, device=dev, dtype=dt) if train else x.new_empty(0)
@@ -128,35 +135,37 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
             cy.copy_(cx)
         return y, hy, cy, reserve
     bs_d, offs_d, _, _ = _steps(batch_sizes, dev)
-    hbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32)
+    hbuf = torch.empty(D, 2, B, P, device=dev, dtype=torch.float32)
     cbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32) if is_lstm else hbuf
-    const, opts = fwd_constexprs(mode, D, train, has_biases, H, dt, blocks)
+    fbuf = torch.empty(D, B, H, device=dev, dtype=torch.float32) if has_proj else hbuf
+    const, opts = fwd_constexprs(mode, D, train, has_biases, has_proj, H, dt, blocks)
     hx = hx.contiguous()
     cx_arg = cx.contiguous() if is_lstm else hx
     grid = (D, triton.cdiv(B, const["BLOCK_B"]))
     K.rnn_fwd_kernel[grid](
-        xp, w_hh, b_hn if is_gru and has_biases else xp, hx, cx_arg, bs_d, offs_d,
-        y, hy, cy if is_lstm else hy, reserve if (train and R) else y, hbuf, cbuf,
-        T, B, H, N, **const, **opts,
+        xp, w_hh, b_hn if is_gru and has_biases else xp, w_hr, hx, cx_arg, bs_d, offs_d,
+        y, hy, cy if is_lstm else hy, reserve if (train and R) else y, hbuf, cbuf, fbuf,
+        T, B, H, P, N, **const, **opts,
     )
     return y, hy, cy, reserve
 
 
 def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
              reserve, blocks=None):
-    """Gradients of one layer: grad_y [N, D*H], grad_hy/grad_cy [D, B, H] (grad_cy [0] unless LSTM) ->
-    grad_x [N, I], grad_hx [D, B, H], grad_cx [D, B, H] or [0], weight grads in the order of `weights`."""
+    """Gradients of one layer: grad_y [N, D*P], grad_hy [D, B, P], grad_cy [D, B, H] ([0] unless LSTM) ->
+    grad_x [N, I], grad_hx [D, B, P], grad_cx [D, B, H] or [0], weight grads in the order of `weights`."""
     D, G, GD = num_directions, _GATES[mode], _GD[mode]
     is_lstm, is_gru = mode == "lstm", mode == "gru"
-    groups = _split(weights, has_biases, D)
+    groups, has_proj = _split(mode, weights, has_biases, D)
     dev, dt = x.device, x.dtype
     T = batch_sizes.numel()
-    B, H = hx.shape[1], hx.shape[2]
+    B, P = hx.shape[1], hx.shape[2]
+    H = groups[0][1].shape[0] // G
     x = x.contiguous()
     N, I = x.shape
     y = y.contiguous()
     grad_y = grad_y.contiguous()
-    grad_hx = torch.empty(D, B, H, device=dev, dtype=dt)
+    grad_hx = torch.empty(D, B, P, device=dev, dtype=dt)
     grad_cx = torch.empty(D, B, H, device=dev, dtype=dt) if is_lstm else x.new_empty(0)
     if T == 0 or N == 0 or B == 0:
         grad_hx.copy_(grad_hy)
@@ -167,27 +176,29 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
             grads += [torch.zeros_like(w) for w in g]
         return x.new_zeros(N, I), grad_hx, grad_cx, grads
     bs_d, offs_d, bs, offs = _steps(batch_sizes, dev)
-    w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, H]
-    # h_prev / c_prev of every packed row, per direction: [D, N, H]
+    w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, P]
+    w_hr = torch.stack([g[-1] for g in groups], 0).contiguous() if has_proj else w_hh   # [D, P, H]
+    # h_prev [D, N, P] / c_prev [D, N, H] of every packed row, per direction
     hprev = []
     cprev = []
     for d in range(D):
         idx = _prev_index(bs, offs, reverse=d == 1).to(dev)
-        hprev.append(torch.cat([y[:, d * H:(d + 1) * H], hx[d]], 0).index_select(0, idx))
+        hprev.append(torch.cat([y[:, d * P:(d + 1) * P], hx[d]], 0).index_select(0, idx))
         if is_lstm:
             cprev.append(torch.cat([reserve[d, :, 4 * H:], cx[d]], 0).index_select(0, idx))
     hprev = torch.stack(hprev, 0)
     cprev = torch.stack(cprev, 0) if is_lstm else hprev
     dg = torch.empty(N, D * GD * H, device=dev, dtype=dt)
-    dhbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32)
+    dhp = torch.empty(N, D * P, device=dev, dtype=dt) if has_proj else dg
+    dhbuf = torch.empty(D, 2, B, P, device=dev, dtype=torch.float32)
     dcbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32) if is_lstm else dhbuf
-    const, opts = bwd_constexprs(mode, D, H, dt, blocks)
+    const, opts = bwd_constexprs(mode, D, has_proj, H, dt, blocks)
     grid = (D, triton.cdiv(B, const["BLOCK_B"]))
     K.rnn_bwd_kernel[grid](
         grad_y, grad_hy.contiguous(), grad_cy.contiguous() if is_lstm else grad_hy, reserve if reserve.numel() else y,
-        y, hprev, cprev, w_hh, bs_d, offs_d,
-        dg, grad_hx, grad_cx if is_lstm else grad_hx, dhbuf, dcbuf,
-        T, B, H, N, **const, **opts,
+        y, hprev, cprev, w_hh, w_hr, bs_d, offs_d,
+        dg, dhp, grad_hx, grad_cx if is_lstm else grad_hx, dhbuf, dcbuf,
+        T, B, H, P, N, **const, **opts,
     )
     # weight / input gradients: torch GEMMs over dG
     grad_x = None
@@ -210,4 +221,7 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
         if has_biases:
             grads.append(dgi.sum(0))
             grads.append(dgh.sum(0))
+        if has_proj:   # dW_hr = dh^T h_full, h_full = o * tanh(c) recomputed from the reserve
+            h_full = reserve[d, :, 3 * H:4 * H] * torch.tanh(reserve[d, :, 4 * H:])
+            grads.append(torch.mm(dhp[:, d * P:(d + 1) * P].t(), h_full))
     return grad_x, grad_hx, grad_cx, grads
