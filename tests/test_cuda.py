@@ -381,12 +381,15 @@ def test_noncontiguous_inputs():
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.requires_cuda
+DEVICES = [pytest.param("cpu", id="host"), pytest.param("cuda", id="cuda", marks=pytest.mark.requires_cuda)]
+
+
 @requires_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T", [0, 1])
-def test_empty_batch(T):
+def test_empty_batch(T, device):
     """B = 0 (and T = 0): no rows at all; outputs are empty, hy = hx, and the weight gradients are zeros."""
-    case = make_case("lstm", 2, True, False, "padded")
+    case = make_case("lstm", 2, True, False, "padded", device=device)
     x, hx, cx = case["x"][:0], case["hx"][:, :0], case["cx"][:, :0]
     bs = torch.zeros(T, dtype=torch.int64)
     y, hy, cy, reserve = torch.ops.fusedrnn.cuda_rnn_forward("lstm", x, bs, hx, cx, case["weights"], True, 2, True)
@@ -528,11 +531,12 @@ def test_cuda_graph_capture(mode, D):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), f"tensor {i} differs after replay"
 
 
-@pytest.mark.requires_cuda
 @requires_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-def test_opcheck(mode):
-    case = make_case(mode, 2, True, mode == "lstm", "packed")
+def test_opcheck(mode, device):
+    """Schema (no input mutated or aliased) and fakes against real outputs; on the host too (CPU key)."""
+    case = make_case(mode, 2, True, mode == "lstm", "packed", device=device)
     c = case
     fwd_args = (mode, c["x"], c["batch_sizes"], c["hx"], c["cx"], c["weights"], True, 2, True)
     torch.library.opcheck(torch.ops.fusedrnn.cuda_rnn_forward.default, fwd_args,
