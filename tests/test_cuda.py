@@ -36,6 +36,16 @@ def _built():
 requires_ext = pytest.mark.skipif(not _built(), reason="fusedrnn._C_cuda is not built (see fusedrnn/cuda.py)")
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32_matmul():
+    """The GEMMs go through at::mm, which follows torch's float32 matmul precision: hold it at "highest" (no TF32)
+    so that a test elsewhere that lowers it cannot loosen these comparisons."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prev)
+
+
 # ------------------------------------------------------------------------------------------------ inputs and oracle
 
 def _lengths(kind, T, B):
