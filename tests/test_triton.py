@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): the triton backend is not built")
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton): no triton backend")
 
 import fusedrnn  # noqa: E402
 import fusedrnn.reference as reference  # noqa: E402

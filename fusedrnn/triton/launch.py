@@ -5,6 +5,8 @@ reserve [D, N, R]; P = proj_size for an LSTM with projection, else H.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -45,22 +47,27 @@ def fwd_constexprs(mode: str, D: int, train: bool, has_biases: bool, has_proj: b
     BB, BH, BK, nw, ns = _blocks(H, dtype, blocks)
     dot_f32, prec = _dot_args(dtype)
     return dict(MODE=_MODE[mode], G=_GATES[mode], D=D, TRAIN=bool(train and _RES[mode]),
-                HAS_BHN=bool(mode == "gru" and has_biases), HAS_PROJ=bool(has_proj), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK, DOT_F32=dot_f32,
-                PREC=prec), dict(num_warps=nw, num_stages=ns)
+                HAS_BHN=bool(mode == "gru" and has_biases), HAS_PROJ=bool(has_proj), BLOCK_B=BB, BLOCK_H=BH,
+                BLOCK_K=BK, DOT_F32=dot_f32, PREC=prec), dict(num_warps=nw, num_stages=ns)
 
 
 def bwd_constexprs(mode: str, D: int, has_proj: bool, H: int, dtype: torch.dtype, blocks=None):
     """Compile-time arguments and launch options of rnn_bwd_kernel for one call."""
     BB, BH, BK, nw, ns = _blocks(H, dtype, blocks)
     dot_f32, prec = _dot_args(dtype)
-    return dict(MODE=_MODE[mode], G=_GATES[mode], GD=_GD[mode], D=D, HAS_PROJ=bool(has_proj), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
-                DOT_F32=dot_f32, PREC=prec), dict(num_warps=nw, num_stages=ns)
+    return dict(MODE=_MODE[mode], G=_GATES[mode], GD=_GD[mode], D=D, HAS_PROJ=bool(has_proj), BLOCK_B=BB,
+                BLOCK_H=BH, BLOCK_K=BK, DOT_F32=dot_f32, PREC=prec), dict(num_warps=nw, num_stages=ns)
 
 
 def _dot_args(dtype: torch.dtype):
     """(DOT_F32, PREC): under the interpreter dot in float32 (its bf16 dot is wrong); float32 dots are IEEE, not
     TF32, like torch's default."""
     return interpreting(), "ieee" if (dtype == torch.float32 or interpreting()) else "tf32"
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _split(mode, weights, has_biases, D):
@@ -142,11 +149,12 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
     hx = hx.contiguous()
     cx_arg = cx.contiguous() if is_lstm else hx
     grid = (D, triton.cdiv(B, const["BLOCK_B"]))
-    K.rnn_fwd_kernel[grid](
-        xp, w_hh, b_hn if is_gru and has_biases else xp, w_hr, hx, cx_arg, bs_d, offs_d,
-        y, hy, cy if is_lstm else hy, reserve if (train and R) else y, hbuf, cbuf, fbuf,
-        T, B, H, P, N, **const, **opts,
-    )
+    with _on(dev):
+        K.rnn_fwd_kernel[grid](
+            xp, w_hh, b_hn if is_gru and has_biases else xp, w_hr, hx, cx_arg, bs_d, offs_d,
+            y, hy, cy if is_lstm else hy, reserve if (train and R) else y, hbuf, cbuf, fbuf,
+            T, B, H, P, N, **const, **opts,
+        )
     return y, hy, cy, reserve
 
 
@@ -194,12 +202,13 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
     dcbuf = torch.empty(D, 2, B, H, device=dev, dtype=torch.float32) if is_lstm else dhbuf
     const, opts = bwd_constexprs(mode, D, has_proj, H, dt, blocks)
     grid = (D, triton.cdiv(B, const["BLOCK_B"]))
-    K.rnn_bwd_kernel[grid](
-        grad_y, grad_hy.contiguous(), grad_cy.contiguous() if is_lstm else grad_hy, reserve if reserve.numel() else y,
-        y, hprev, cprev, w_hh, w_hr, bs_d, offs_d,
-        dg, dhp, grad_hx, grad_cx if is_lstm else grad_hx, dhbuf, dcbuf,
-        T, B, H, P, N, **const, **opts,
-    )
+    with _on(dev):
+        K.rnn_bwd_kernel[grid](
+            grad_y, grad_hy.contiguous(), grad_cy.contiguous() if is_lstm else grad_hy,
+            reserve if reserve.numel() else y, y, hprev, cprev, w_hh, w_hr, bs_d, offs_d,
+            dg, dhp, grad_hx, grad_cx if is_lstm else grad_hx, dhbuf, dcbuf,
+            T, B, H, P, N, **const, **opts,
+        )
     # weight / input gradients: torch GEMMs over dG
     grad_x = None
     if not is_gru:   # one GEMM for both directions: [N, D*G*H] @ [D*G*H, I]
