@@ -428,7 +428,7 @@ def test_module_on_cuda_backend_vs_torch_nn(cell):
     x = torch.randn(7, 6, 10, dtype=torch.float64, device="cuda")
     results = []
     for m, dt in ((ref, torch.float64), (ours, torch.float32)):
-        xi = x.to(dt).requires_grad_()
+        xi = x.detach().to(dt).requires_grad_()
         out, _ = m(pack_padded_sequence(xi, lengths))
         g = torch.Generator(device="cpu").manual_seed(5)
         loss = (out.data * torch.randn(out.data.shape, generator=g, dtype=torch.float64).to("cuda", dt)).sum()
@@ -496,7 +496,9 @@ def test_low_precision_2x_rule(dtype, mode, D, proj, seq):
         pytest.skip(f"torch.nn cannot run {mode} in {dtype}: {e}")
     floor = 4 * torch.finfo(dtype).eps
     names = _names(mode, len(case["weights"]) // D, D)
-    for name, a, t, r in zip(names, _flat(outs, ours_grads), _flat(nn_outs, nn_grads), _flat(ref_outs, ref_grads)):
+    ours_all, nn_all, ref_all = _flat(outs, ours_grads), _flat(nn_outs, nn_grads), _flat(ref_outs, ref_grads)
+    assert len(names) == len(ours_all) == len(nn_all) == len(ref_all)
+    for name, a, t, r in zip(names, ours_all, nn_all, ref_all):
         assert a.dtype == dtype and not torch.isnan(a).any(), name
         e_ours, e_nn = rel_err(a, r), rel_err(t, r)
         assert e_ours <= 2 * e_nn + floor, f"{name}: ours {e_ours:.3g} vs torch.nn {e_nn:.3g}"
