@@ -152,6 +152,27 @@ def test_layer_hidden_1024():
 
 
 @interp_only
+@pytest.mark.parametrize("mode,P", [("lstm", 6), ("gru", None), ("rnn_relu", None)], ids=["lstm-proj", "gru", "relu"])
+def test_layer_writes_every_output(monkeypatch, mode, P):
+    """Every fresh allocation of the launcher (outputs and scratch) starts as NaN: a value the kernels never write,
+    or scratch they never initialise, shows up as NaN in the results."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    case, grads = _layer_case(mode, 4, 3, I=3, H=8, D=2, has_biases=True, lengths=[4, 2, 1], P=P, seed=6)
+    out_f, out_b = _run_layer(launch.forward, launch.backward, mode, case, grads, True, 2, torch.float32)
+    monkeypatch.undo()
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, True, 2, torch.float64)
+    for t in out_f + out_b:
+        assert not torch.isnan(t).any()
+    assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
+    assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
+
+
+@interp_only
 def test_layer_inference_and_empty_reserve():
     """train=False: no reserve, same outputs as train=True."""
     case, _ = _layer_case("gru", 3, 2, 4, 16, 1, True, [3, 2])
