@@ -189,6 +189,10 @@ def test_grids_hold_the_issue3_targets_and_unique_ids():
     gpu = C.build_grid("full", "cuda")
     assert {c.dtype for c in gpu} == {"float32", "float16", "bfloat16"}
     assert max(c.H for c in gpu if "hidden" in c.groups) == 2048
+    gpu_targets = [c for c in gpu if c.target]
+    assert {c.dtype for c in gpu_targets} == {"float16", "bfloat16"}
+    assert all((c.T, c.B, c.H) == (1024, 16, 768) for c in gpu_targets)
+    assert len([c for c in C.build_grid("quick", "cuda") if c.target]) == 2
     quick = C.build_grid("quick", "cpu")
     assert 1 <= sum(c.reference for c in quick) <= 2
     assert sum(1 for c in quick if c.target) == 11

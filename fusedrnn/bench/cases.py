@@ -104,6 +104,13 @@ CPU_TARGETS = (
 )
 
 
+# GPU anchor (ANCHORS.md): FlashRNN's H100 figure, B=16, T=1024, I=H=768; cuDNN fp16 is the bar, the goal is to beat it.
+GPU_TARGETS = tuple(
+    Case("lstm", 1024, 16, 768, 768, dtype=dt, groups=("target",), target=Target(1.0, 1.0))
+    for dt in ("float16", "bfloat16")
+)
+
+
 def _merge(cases: list[Case]) -> list[Case]:
     """Drop duplicate configurations, uniting their groups (and keeping a target / reference flag if any has one)."""
     out: dict[str, Case] = {}
@@ -137,8 +144,8 @@ def build_grid(preset: str, device: str, cells=CELLS, dtypes=None, reference_eve
                     cases.append(Case(cell, 100, 16, H, H, dtype=dt, groups=("hidden",), reference=False))
             if "lstm" in cells:
                 cases.append(Case("lstm", 100, 64, 512, 512, dtype=dt, groups=("defaults",), reference=False))
-        if not gpu:
-            cases += [dataclasses.replace(c, reference=False) for c in CPU_TARGETS if c.cell in cells]
+        targets = GPU_TARGETS if gpu else CPU_TARGETS
+        cases += [dataclasses.replace(c, reference=False) for c in targets if c.cell in cells and c.dtype in dtypes]
         small = [c for c in cases if c.T == 100 and c.B == 16 and c.H == 128 and not c.packed and c.layers == 1]
         for c in small[:2]:
             cases.append(dataclasses.replace(c, reference=True))
@@ -173,6 +180,6 @@ def build_grid(preset: str, device: str, cells=CELLS, dtypes=None, reference_eve
                 cases.append(Case(cell, 100, 16, 512, 512, proj=128, **v))
                 cases.append(Case(cell, 100, 64, 1024, 1024, proj=256, **v))
                 cases.append(Case(cell, 100, 16, 256, 256, proj=64, layers=2, bidirectional=True, **v))
-    if not gpu:
-        cases += [c for c in CPU_TARGETS if c.cell in cells and c.dtype in dtypes]
+    targets = GPU_TARGETS if gpu else CPU_TARGETS
+    cases += [c for c in targets if c.cell in cells and c.dtype in dtypes]
     return _merge(cases)

@@ -48,7 +48,7 @@ def readme_section(res: dict, report_link: str | None = None, title: str = "## P
              "error of any gradient against float64.", ""]
     t = targets_table(res)
     if t:
-        lines += ["**Targets (issue 3)**", "", t, ""]
+        lines += ["**Targets**", "", t, ""]
     head = ["case", "mode", "torch.nn", "fusedrnn (best backend)", "speed-up", "err grad (vs torch.nn)"]
     for group in ("defaults", "variants"):
         rows = _speedups_by_group(res, group)
