@@ -184,7 +184,9 @@ def _backward_direction(mode, bs, offs, reverse, grad_y, grad_hy, grad_cy, h_pre
             dh = dh * z + dgh[rows] @ w_hh
         else:
             h = y[rows]
-            da = dh * (1 - h * h) if mode == "rnn_tanh" else dh * (h > 0).to(dh.dtype)
+            # relu': torch.nn's threshold_backward, where(y <= 0, 0, dh): a NaN y passes dh through, a NaN dh at y <= 0
+            # gives 0 (dh * (y > 0) would do the opposite on both)
+            da = dh * (1 - h * h) if mode == "rnn_tanh" else dh.masked_fill(h <= 0, 0)
             dgi[rows] = da
             dh = da @ w_hh
         if reverse:                             # rows past the next step's batch started from h0
