@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from . import reference as _reference  # noqa: F401,E402  (always registered)
 from .backends import available_backends  # noqa: E402
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
+from .convert import convert  # noqa: E402
 
 
 def _load_optional_backends() -> None:
@@ -28,4 +29,4 @@ def _load_optional_backends() -> None:
 
 _load_optional_backends()
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "available_backends", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "available_backends", "convert", "__version__"]

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops  # noqa: F401  (registers torch.ops.fusedrnn.*)
+from .amp import autocast_dtype, cast, output_dtypes
 from .backends import check_backend_name, resolve
+from .onnx import export_forward
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 # ATen's names for dtypes, used where torch.nn's error comes from ATen ("mat1 and mat2 must have the same dtype").
@@ -61,6 +63,27 @@ def _check_packed(data: Tensor, batch_sizes: Tensor) -> None:
         raise ValueError(f"PackedSequence.data has {data.shape[0]} rows but batch_sizes sum to {sum(bs)}")
 
 
+def _check_packed_indices(sorted_indices, unsorted_indices, B: int) -> None:
+    """A hand-built PackedSequence's index tensors must be inverse permutations of 0..B-1: torch.nn uses them
+    unchecked (index_select), so a duplicate or a wrong length silently mixes or resizes the returned states."""
+    if torch.compiler.is_compiling():
+        return
+    for name, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
+        if idx is None:
+            continue
+        if idx.dim() != 1 or idx.dtype != torch.int64 or idx.numel() != B:
+            raise ValueError(f"PackedSequence.{name} must be a 1-D int64 tensor of length batch_sizes[0] = {B}, "
+                             f"got {idx.dim()}-D {idx.dtype} of {idx.numel()} elements")
+        if idx.device.type == "meta":
+            continue
+        if B and not torch.equal(torch.sort(idx.cpu()).values, torch.arange(B)):
+            raise ValueError(f"PackedSequence.{name} must be a permutation of 0..{B - 1}, got {idx.tolist()}")
+    if sorted_indices is not None and unsorted_indices is not None and B and sorted_indices.device.type != "meta" \
+            and unsorted_indices.device.type != "meta" \
+            and not torch.equal(sorted_indices.cpu()[unsorted_indices.cpu()], torch.arange(B)):
+        raise ValueError("PackedSequence.unsorted_indices must be the inverse permutation of sorted_indices")
+
+
 def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -88,6 +111,12 @@ class _FusedRNNBase(nn.RNNBase):
         D = 2 if self.bidirectional else 1
         mode = _MODES[self.mode]
         weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
+        amp = autocast_dtype(x)
+        if amp is not None:  # torch.autocast: cast as torch.nn's fused RNN ops do, outputs as torch.nn's (amp.py)
+            out_dt = output_dtypes(mode, x.device.type, amp, hx.dtype, cx.dtype if cx is not None else None,
+                                   self.proj_size > 0, False)
+            x, hx, cx = cast(x, amp), cast(hx, amp), cast(cx, amp)
+            weights = [[cast(w, amp) for w in ws] for ws in weights]
         flat = [w for ws in weights for w in ws]
         _check_devices(x, (hx, cx), flat)
         _check_same_dtype(hx, flat[1])
@@ -105,7 +134,10 @@ class _FusedRNNBase(nn.RNNBase):
             cys.append(cy)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
-        return x, torch.cat(hys), (torch.cat(cys) if cx is not None else None)
+        y, hy, cy = x, torch.cat(hys), (torch.cat(cys) if cx is not None else None)
+        if amp is not None:
+            y, hy, cy = y.to(out_dt[0]), hy.to(out_dt[0]), (cy.to(out_dt[1]) if cy is not None else None)
+        return y, hy, cy
 
     def _forward(self, input, hx):
         """Shared forward; hx is a Tensor (GRU/RNN) or a (h, c) pair (LSTM), already validated and batched."""
@@ -120,6 +152,7 @@ class _FusedRNNBase(nn.RNNBase):
         if isinstance(input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
             _check_packed(input, batch_sizes)
+            _check_packed_indices(sorted_indices, unsorted_indices, int(batch_sizes[0]))
             is_batched, batch_dim = True, 0
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
@@ -162,6 +195,8 @@ class _FusedRNNBase(nn.RNNBase):
         return input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim
 
     def _sequence_forward(self, input, hx, name: str):
+        if torch.onnx.is_in_onnx_export():  # export as torch.nn does: standard ONNX LSTM/GRU/RNN nodes (onnx.py)
+            return export_forward(self, input, hx, name)
         orig = input
         input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim = self._prepare(input, hx, name)
         h0, c0 = (hx[0], hx[1]) if self.mode == "LSTM" else (hx, None)
@@ -267,15 +302,22 @@ class _FusedCellBase(nn.RNNCellBase):
             _check_same_dtype(h, self.weight_hh)
         weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
         _check_devices(input, hx, weights)
+        amp = autocast_dtype(input)
+        if amp is not None:  # torch.autocast: see amp.py
+            out_dt = output_dtypes(self._mode, input.device.type, amp, hx[0].dtype, hx[-1].dtype, False, True)
+            input, hx, weights = cast(input, amp), tuple(cast(h, amp) for h in hx), [cast(w, amp) for w in weights]
         backend = resolve(self.backend, input.device, input.dtype, self._mode, False)
         steps = torch.full((1,), input.size(0), dtype=torch.int64)
         cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
         _, hy, cy, _ = torch.ops.fusedrnn.rnn_layer(
             self._mode, input, steps, hx[0].unsqueeze(0), cx, weights, self.bias, 1,
             _needs_grad([input, *hx, *weights]), backend)
-        return (hy[0], cy[0]) if self._mode == "lstm" else (hy[0],)
+        out = (hy[0], cy[0]) if self._mode == "lstm" else (hy[0],)
+        return out if amp is None else tuple(o.to(dt) for o, dt in zip(out, out_dt))
 
     def _cell_forward(self, input: Tensor, hx, n_states: int):
+        if torch.onnx.is_in_onnx_export():  # export as torch.nn does (onnx.py)
+            return export_forward(self, input, hx, self._name)
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
