@@ -173,6 +173,25 @@ def test_layer_writes_every_output(monkeypatch, mode, P):
 
 
 @interp_only
+def test_opcheck_triton():
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) of both ops on this backend
+    (one case: the interpreter makes each of opcheck's many runs slow)."""
+    mode, P = "lstm", 5
+    case, grads = _layer_case(mode, 3, 2, I=3, H=8, D=2, has_biases=True, lengths=[3, 1], P=P, seed=7)
+    a = _cast(case, torch.float32)
+    leaf = lambda t: None if t is None else t.requires_grad_()  # noqa: E731
+    args = (mode, leaf(a["x"]), a["batch_sizes"], leaf(a["hx"]), leaf(a["cx"]), [leaf(w) for w in a["weights"]], True,
+            2, True, "triton")
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer.default, args)
+    with torch.no_grad():
+        y, hy, cy, reserve = torch.ops.fusedrnn.rnn_layer(*args)
+    det = lambda t: None if t is None else t.detach()  # noqa: E731
+    bargs = (mode, *(t.float() for t in grads), det(a["x"]), a["batch_sizes"], det(a["hx"]), det(a["cx"]),
+             [w.detach() for w in a["weights"]], True, 2, y, reserve, "triton")
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, bargs)
+
+
+@interp_only
 def test_layer_inference_and_empty_reserve():
     """train=False: no reserve, same outputs as train=True."""
     case, _ = _layer_case("gru", 3, 2, 4, 16, 1, True, [3, 2])
