@@ -13,7 +13,7 @@ Design (one program per (direction, block of BLOCK_B batch rows), owning the who
   on their own history. The recurrent state of its rows lives in a float32 global scratch, double-buffered by step
   parity (read buffer s % 2, write the other), so a step never overwrites a value another thread of the program may
   still read; `tl.debug_barrier()` (bar.sync: orders global-memory writes within the program) separates the steps.
-  Scratch loads use cache_modifier ".cg" (L2, not the non-coherent path).
+  Scratch loads use cache_modifier ".cg" (served from L2); correctness rests on bar.sync's CTA-scope ordering.
 - Variable lengths: step t owns packed rows offs[t] .. offs[t] + bs[t]; rows j >= bs[t] are dead at t: their state
   is carried unchanged into the other buffer, which is also what the reverse direction needs (a sequence starts at
   its own end with hx).
@@ -23,6 +23,10 @@ Design (one program per (direction, block of BLOCK_B batch rows), owning the who
 - LSTM projection (HAS_PROJ): a step first writes h_full = o * tanh(c) for all H columns to a scratch, then after a
   barrier projects it, h = h_full W_hr^T, streaming W_hr tiles; backward turns dh [P] into dh_full = dh W_hr inside
   the gate-gradient phase and stores dh per row for dW_hr = dh^T h_full (a torch GEMM after the kernel).
+- Parallelism is D * ceil(B / BLOCK_B) programs (BLOCK_B = 16, the smallest tl.dot M), each streaming all of W_hh
+  (G*H x P) per step through one SM: expect this to trail cuDNN at small batch and large H (not yet measured on a
+  GPU: see fusedrnn/triton/bench.py). Splitting the hidden dimension across programs needs a grid-wide per-step sync
+  (cooperative launch or clusters), which Triton does not offer portably and the interpreter cannot test.
 - tanh is written as 2 * sigmoid(2x) - 1 (libdevice tanh does not run under TRITON_INTERPRET).
 - DOT_F32: dot operands upcast to float32 (used under the interpreter, whose bf16/fp16 dot is wrong or accumulates in
   low precision; products of 16-bit values are exact in float32, so results match a float32-accumulating GPU dot).
