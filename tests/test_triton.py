@@ -192,6 +192,17 @@ def test_opcheck_triton():
 
 
 @interp_only
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_layer_empty_batch(mode):
+    """B = 0 (batch_sizes all zero, N = 0): no launch; outputs and gradients shaped as the reference's."""
+    case, grads = _layer_case(mode, 3, 0, I=3, H=8, D=2, has_biases=True, lengths=[])
+    ref_f, ref_b = _run_layer(reference.forward, reference.backward, mode, case, grads, True, 2, torch.float64)
+    out_f, out_b = _run_layer(launch.forward, launch.backward, mode, case, grads, True, 2, torch.float32)
+    assert_close_all(out_f, ref_f, torch.float32, f"{mode} forward")
+    assert_close_all(out_b, ref_b, torch.float32, f"{mode} backward")
+
+
+@interp_only
 def test_layer_inference_and_empty_reserve():
     """train=False: no reserve, same outputs as train=True."""
     case, _ = _layer_case("gru", 3, 2, 4, 16, 1, True, [3, 2])
