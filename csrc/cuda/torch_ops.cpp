@@ -232,10 +232,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
     const Tensor w_ih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);  // [D*GH, I]
     Tensor gx = at::empty({N, D * GH}, f32);
     mm_f32(gx, x, w_ih_cat.t());
-    std::vector<Tensor> gh(D), h_full(D);
+    std::vector<Tensor> gh(D), h_full(D), w_hh_t(D), w_hr_t(D);
     for (int64_t d = 0; d < D; ++d) {
       gh[d] = at::empty({B, GH}, f32);
-      if (L.has_proj) h_full[d] = at::empty({B, H}, opts);
+      w_hh_t[d] = L.w_hh[d].t();  // [P, GH] views, made once rather than per step
+      if (L.has_proj) {
+        h_full[d] = at::empty({B, H}, opts);
+        w_hr_t[d] = L.w_hr[d].t();  // [H, P]
+      }
     }
     Exec ex(D, x.device());
     for (int64_t s = 0; s < L.T; ++s) {
@@ -246,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
         c10::cuda::OptionalCUDAStreamGuard guard;
         ex.enter(guard, d);
         Tensor h_carry = hy.select(0, d);  // [B, P]: row j holds the h that row j's next step reads
-        mm_f32(gh[d].narrow(0, 0, b), h_carry.narrow(0, 0, b), L.w_hh[d].t());
+        mm_f32(gh[d].narrow(0, 0, b), h_carry.narrow(0, 0, b), w_hh_t[d]);
         const float* gx_t = gx.data_ptr<float>() + off * D * GH + d * GH;
         T* y_t = ptr<T>(y) + off * D * P + d * P;
         T* res_t = train && R > 0 ? ptr<T>(reserve) + (d * N + off) * R : nullptr;
@@ -273,7 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
           ex.step<LstmForwardStep<T>>(d, &lstm_forward_step<T>, &lstm_forward_step_host<T>, a);
           if (L.has_proj) {
             Tensor h_t = h_carry.narrow(0, 0, b);
-            at::mm_out(h_t, h_full[d].narrow(0, 0, b), L.w_hr[d].t());
+            at::mm_out(h_t, h_full[d].narrow(0, 0, b), w_hr_t[d]);
             y.narrow(0, off, b).narrow(1, d * P, P).copy_(h_t);
           }
         } else if (L.gru()) {
