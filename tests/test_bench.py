@@ -378,6 +378,10 @@ def test_readme_section_names_device_and_date(tiny_results):
     assert text.startswith("## Performance")
     assert "test cpu" in text and "2026-01-01 00:00 UTC" in text
     assert "2.00x" in text and "benchmarks/results/cpu/report.md" in text
+    assert "loaded" not in text
+    busy = copy.deepcopy(tiny_results)
+    busy["machine"]["load_avg"] = [9.0, 9.0, 9.0]
+    assert "machine was loaded" in readme_section(busy)
 
 
 def test_progress_bar():

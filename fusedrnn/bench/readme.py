@@ -7,7 +7,7 @@ import json
 import sys
 
 from . import fmt
-from .report import targets_table
+from .report import load_warning, targets_table
 
 
 def _speedups_by_group(res: dict, group: str) -> list[list[str]]:
@@ -46,6 +46,9 @@ def readme_section(res: dict, report_link: str | None = None, title: str = "## P
              + f", fusedrnn {m.get('fusedrnn')} (git {m.get('git_commit')}), `{cfg.get('preset')}` preset. "
              "Speed-up = torch.nn time / fusedrnn time, median of interleaved rounds; err grad = largest relative "
              "error of any gradient against float64.", ""]
+    w = load_warning(res)
+    if w:
+        lines += [w, ""]
     t = targets_table(res)
     if t:
         lines += ["**Targets**", "", t, ""]

@@ -27,7 +27,9 @@ Top level (a dict):
             saved_bytes, saved_bytes_per_token   (fwdbwd only) storages saved for backward, parameters excluded
             err_out, err_out_worst  largest max|a-ref|/max|ref| over y, hy, cy vs float64 torch.nn, and which
             err_grad, err_grad_worst  same over the gradients of x, hx, cx and every parameter
-            errors       {tensor name: relative error}
+            errors       {tensor name: relative error ("out.y", "grad.weight_hh_l0", ...)}
+                         (an error is Infinity for NaN output or a shape mismatch; written as JSON Infinity,
+                         which Python's json reads back)
         }}
         met           bool | null: speedup of primary_backend >= target
         wall_s        seconds the whole case (error check, memory, timing; all modes) took in this run
