@@ -203,6 +203,16 @@ def test_layer_empty_batch(mode):
 
 
 @interp_only
+def test_bench_hook_smoke_cpu():
+    """fusedrnn/triton/bench.py end to end on the CPU (the timing numbers mean nothing under the interpreter)."""
+    from fusedrnn.triton import bench
+
+    rows = bench.run([("gru", 3, 2, 4, 8, torch.float32)], warmup=0, iters=1, device="cpu")
+    assert len(rows) == 1 and rows[0]["triton_fwdbwd_ms"] > 0 and rows[0]["cudnn_fwd_ms"] > 0
+    assert rows[0]["max_rel_err_vs_cudnn"] < 1e-5, rows[0]
+
+
+@interp_only
 def test_layer_inference_and_empty_reserve():
     """train=False: no reserve, same outputs as train=True."""
     case, _ = _layer_case("gru", 3, 2, 4, 16, 1, True, [3, 2])
