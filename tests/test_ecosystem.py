@@ -41,6 +41,7 @@ def test_info_command_line():
     out = subprocess.run([sys.executable, "-m", "fusedrnn.info"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr, out.stderr  # e.g. runpy's, if fusedrnn/__init__ imported fusedrnn.info
     for needle in (f"fusedrnn        {fusedrnn.__version__}", f"torch           {torch.__version__}",
                    "CPU capability", "reference  usable", "cuda", "auto picks"):
         assert needle in out.stdout, out.stdout
@@ -257,20 +258,21 @@ class _OnnxNet(nn.Module):
 
 
 def test_onnx_export_runs_in_onnxruntime_like_eager():
+    """Default exporter (dynamo), no extra arguments besides dynamic batch and time; one graph run at two shapes."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     torch.manual_seed(0)
     model = _OnnxNet().eval()
     x = torch.randn(2, 6, 3)
-    prog = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    # Dynamic batch; T stays static because aten::rnn_tanh (the RNN) has no ONNX translation in torch 2.13 and is
+    # unrolled over time, for torch.nn.RNN exactly as here. LSTM/GRU alone export with a dynamic T too (docs).
+    dims = {0: torch.export.Dim("B", min=1, max=64)}
+    prog = torch.onnx.export(model, (x,), dynamo=True, verbose=False, dynamic_shapes=(dims,))
     ops = {n.op_type for n in prog.model_proto.graph.node}
     assert {"LSTM", "GRU"} <= ops, ops  # standard ONNX recurrent nodes, as nn.LSTM exports
-    assert not any(n.domain not in ("", "ai.onnx") for n in prog.model_proto.graph.node)
+    assert all(n.domain in ("", "ai.onnx") for n in prog.model_proto.graph.node)  # no custom ops
     sess = ort.InferenceSession(prog.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        eager = model(x)
-    x2 = torch.randn(2, 6, 3)  # other values, same graph
-    for inp in (x, x2):
+    for inp in (x, torch.randn(3, 6, 3)):
         outs = sess.run(None, {sess.get_inputs()[0].name: inp.numpy()})
         with torch.no_grad():
             eager = model(inp)
