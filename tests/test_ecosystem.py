@@ -36,6 +36,19 @@ def test_info_collect_reports_versions_and_backends():
     json.dumps(info)  # the benchmark header stores it as JSON
 
 
+def test_info_reports_archs_of_the_cuda_extension(monkeypatch):
+    import types
+
+    from fusedrnn.info import collect, format_info
+    fake = types.ModuleType("fusedrnn._C_cuda")
+    fake.CUDA_ARCH_LIST = ["sm_90", "sm_80"]
+    fake.__file__ = "/x/_C_cuda.so"
+    monkeypatch.setitem(sys.modules, "fusedrnn._C_cuda", fake)
+    info = collect()
+    assert info["fusedrnn_cuda_ext"] == {"present": True, "path": "/x/_C_cuda.so", "archs": ["sm_80", "sm_90"]}
+    assert "fusedrnn._C_cuda archs  sm_80 sm_90" in format_info(info)
+
+
 def test_info_command_line():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-m", "fusedrnn.info"], capture_output=True, text=True, env=env,
