@@ -440,10 +440,10 @@ def test_module_on_cuda_backend_vs_torch_nn(cell):
 
 # ------------------------------------------------------------------------------------------------ GPU: fp16 / bf16
 
-def _torch_nn_same_dtype(case, grads):
-    """torch.nn (cuDNN or its fallback) on the case in the case's dtype: outputs and gradients like oracle64."""
+def _nn_module(case):
+    """The torch.nn module (one layer) holding the case's weights, on its device and in its dtype."""
     mode, D, bias = case["mode"], case["num_directions"], case["has_biases"]
-    x, hx, cx, ws = case["x"], case["hx"], case["cx"], case["weights"]
+    x, hx, ws = case["x"], case["hx"], case["weights"]
     I, H = x.shape[1], ws[1].shape[0] // G[mode]
     P = hx.shape[2]
     kw = dict(bias=bias, bidirectional=D == 2)
@@ -457,6 +457,14 @@ def _torch_nn_same_dtype(case, grads):
     with torch.no_grad():
         for name, w in zip(m._flat_weights_names, ws):
             getattr(m, name).copy_(w)
+    return m
+
+
+def _torch_nn_same_dtype(case, grads):
+    """torch.nn (cuDNN or its fallback) on the case in the case's dtype: outputs and gradients like oracle64."""
+    mode = case["mode"]
+    x, hx, cx = case["x"], case["hx"], case["cx"]
+    m = _nn_module(case)
     xi, hi = x.detach().clone().requires_grad_(), hx.detach().clone().requires_grad_()
     leaves = [xi, hi]
     if mode == "lstm":
@@ -609,8 +617,66 @@ def test_compute_sanitizer(tool):
     assert r.returncode == 0 and "sanitize cases ok" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
 
 
+# ------------------------------------------------------------------------------------------------ timing (GPU)
+
+def time_vs_cudnn(reps=20, configs=None, device="cuda"):
+    """Median times of the cuda backend's layer ops and of torch.nn (cuDNN) on the same padded inputs, forward
+    (inference) and forward + backward, one layer. `python tests/test_cuda.py --time`; a first look, not the
+    benchmark suite (fusedrnn.bench)."""
+    configs = configs or [("lstm", 1024, 16, 768, torch.bfloat16), ("lstm", 1024, 16, 768, torch.float16),
+               ("lstm", 100, 64, 512, torch.float32), ("gru", 256, 64, 512, torch.float16),
+               ("rnn_tanh", 512, 32, 256, torch.float32)]
+
+    def median_ms(fn):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return sorted(times)[len(times) // 2]
+
+    print(f"{'mode':9} {'T':>5} {'B':>4} {'H':>5} {'dtype':9} {'ours fwd':>9} {'cuDNN fwd':>9} "
+          f"{'ours f+b':>9} {'cuDNN f+b':>9}  (ms)")
+    for mode, T, B, H, dt in configs:
+        c = make_case(mode, 1, True, False, "padded", T=T, B=B, I=H, H=H, dtype=dt, device=device)
+        grads = cotangents(c)
+        args = (mode, c["x"], c["batch_sizes"], c["hx"], c["cx"], c["weights"], True, 1)
+
+        def ours_fwd():
+            torch.ops.fusedrnn.cuda_rnn_forward(*args, False)
+
+        def ours_fb():
+            y, hy, cy, res = torch.ops.fusedrnn.cuda_rnn_forward(*args, True)
+            torch.ops.fusedrnn.cuda_rnn_backward(mode, *grads, *args[1:], y, res)
+
+        m = _nn_module(c)
+        xs = c["x"].view(T, B, -1)
+        state = (c["hx"], c["cx"]) if mode == "lstm" else c["hx"]
+
+        def nn_fwd():
+            with torch.no_grad():
+                m(xs, state)
+
+        xg = xs.detach().clone().requires_grad_()
+        gy = grads[0].view(T, B, -1)
+
+        def nn_fb():
+            out, _ = m(xg, state)
+            out.backward(gy)
+
+        row = [median_ms(f) for f in (ours_fwd, nn_fwd, ours_fb, nn_fb)]
+        print(f"{mode:9} {T:5} {B:4} {H:5} {str(dt)[6:]:9} " + " ".join(f"{v:9.3f}" for v in row))
+
+
 if __name__ == "__main__":
     if "--sanitize-cases" in sys.argv:
         sanitize_cases()
+    elif "--time" in sys.argv:
+        time_vs_cudnn()
     else:
         sys.exit(pytest.main([__file__] + sys.argv[1:]))
