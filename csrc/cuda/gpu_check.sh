@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything the CUDA backend needs checked on a GPU, in one call (for a lent GPU machine, run from the repository
 # root): build with the CUDA extension, the CUDA tests, compute-sanitizer memcheck, a first timing against cuDNN.
-# Steps go on after a failure, and the script exits non-zero if any failed. Logs under $OUT (or ./gpu-check-out).
+# Steps go on after a failure, and the script exits non-zero if any failed. Logs under $OUT (or a fresh folder in /tmp).
 #
 #   csrc/cuda/gpu_check.sh            env: PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (the GPU's own)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-LOGS=${OUT:-$ROOT/gpu-check-out}
+LOGS=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/fusedrnn-gpu-check.XXXXXX")}
 mkdir -p "$LOGS"
 status=0
 run() {  # run NAME CMD...: log to $LOGS/NAME.log, print its tail
