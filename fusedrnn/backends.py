@@ -11,8 +11,9 @@ import torch
 
 MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-# Order `auto` tries, per device type.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Order `auto` tries, per device type. `cuda` is left out until its kernels have run and passed on a GPU
+# (csrc/cuda/NOTES.md lists what is unverified); until then it runs only when asked for by name.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
 
 
 class Backend:
