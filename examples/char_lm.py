@@ -60,7 +60,7 @@ def main():
     itos = dict(enumerate(chars))
     data = torch.tensor([stoi[c] for c in TEXT], device=args.device)
     T, B = 48, 32
-    steps = args.steps or (25 if args.quick else 400)
+    steps = args.steps or (25 if args.quick else 200)
     model = CharLM(len(chars), backend=args.backend).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     loss_fn = nn.CrossEntropyLoss()
@@ -92,7 +92,7 @@ def main():
         logits, _ = m(x)
         m.zero_grad()
         loss_fn(logits.reshape(-1, len(chars)), y.reshape(-1)).backward()
-    print(speedup(model, train_step, args.device, reps=3 if args.quick else 10))
+    print(speedup(model, train_step, args.device, reps=3 if args.quick else 5))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main():
     torch.manual_seed(args.seed)
     banner("sentiment_packed", args.backend, args.device)
     gen = torch.Generator().manual_seed(args.seed)
-    steps = args.steps or (20 if args.quick else 300)
+    steps = args.steps or (20 if args.quick else 120)
     B = 64
     test_x, test_len, test_y = make_data(512, gen)
     model = Classifier(backend=args.backend).to(args.device)
@@ -89,7 +89,7 @@ def main():
     def train_step(m):
         m.zero_grad()
         loss_fn(m(x, lengths), y).backward()
-    print(speedup(model, train_step, args.device, reps=3 if args.quick else 10))
+    print(speedup(model, train_step, args.device, reps=3 if args.quick else 5))
 
 
 if __name__ == "__main__":

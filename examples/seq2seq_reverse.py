@@ -45,7 +45,7 @@ def main():
     banner("seq2seq_reverse", args.backend, args.device)
     gen = torch.Generator().manual_seed(args.seed)
     L, B = 6, 64
-    steps = args.steps or (25 if args.quick else 500)
+    steps = args.steps or (25 if args.quick else 300)
 
     def batch(n):
         src = torch.randint(0, DIGITS, (n, L), generator=gen)
@@ -89,7 +89,7 @@ def main():
     def train_step(m):
         m.zero_grad()
         loss_fn(m(src, tgt).reshape(-1, DIGITS), tgt.reshape(-1)).backward()
-    print(speedup(model, train_step, args.device, reps=3 if args.quick else 10))
+    print(speedup(model, train_step, args.device, reps=3 if args.quick else 5))
 
 
 if __name__ == "__main__":
