@@ -1,6 +1,6 @@
 """The `cpu` backend (csrc/cpu) against the reference backend, op by op: forward outputs, reserve and every
 gradient, for all modes, projection, both directions, packed variable lengths (incl. length-1 sequences), the
-small-batch (B <= 8, matrix-vector) and large-batch (GEMM per step) paths, both kernel builds (baseline and AVX2),
+persistent (matrix-vector, B <= 8 or small weights) and GEMM-per-step time loops, both kernel builds (baseline and AVX2),
 float64 tight and float32 to float32 rounding; opcheck on the internal ops; the GIL is released while they run.
 Test ids: mode-D{directions}-B{batch}-{lengths}-{proj}-{dtype}-{capability}.
 """
@@ -129,6 +129,18 @@ def test_matches_reference(mode, case, dtype, capability):
     ours = run("cpu", args, grads, dtype=dtype)
     assert ours["y"].dtype == dtype
     assert_match(ours, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("loop", ["persistent", "gemm"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 11, [7, 7, 6, 5, 5, 3, 3, 2, 1, 1, 1], 0)),
+                                       ("lstm", (2, 10, [5, 5, 4, 4, 3, 3, 2, 2, 1, 1], 5)),
+                                       ("gru", (2, 19, None, 0)), ("rnn_tanh", (1, 3, [4, 2, 2], 0))])
+def test_both_time_loops(mode, case, loop, monkeypatch):
+    """Each shape through both loops: persistent (thread-sliced matrix-vector, row blocks of 8) and GEMM per step."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=7, H=40, proj=proj, dtype=torch.float64)
+    assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -59,15 +59,15 @@ struct KernelTable {
   // Gate passes over rows [j0, j1) and hidden units [k0, k1), indexed by Mode.
   void (*fwd[kNumModes])(const FwdArgs<T>&, int64_t j0, int64_t j1, int64_t k0, int64_t k1);
   void (*bwd[kNumModes])(const BwdArgs<T>&, int64_t j0, int64_t j1, int64_t k0, int64_t k1);
-  // out[j, r] (+)= sum_k h_j[k] W[r, k] for j < b (<= 8), r < NR.  W: [NR, K] row stride ldw; out row stride ldo.
+  // out[j, r] (+)= sum_k h_j[k] W[r, k] for j < b, r < NR (b taken in register blocks of 8).  W: [NR, K] row stride ldw; out row stride ldo.
   void (*matvec)(const T* W, int64_t ldw, int64_t NR, int64_t K, const RowSrc<T>& h, int64_t b, T* out,
                  int64_t ldo, bool accumulate);
-  // out[j, c] (+)= sum_r g[j, r] W[r, c] for j < b (<= 8), c in [c0, c1), r < R.  W: [R, *]; g: [b, R].
+  // out[j, c] (+)= sum_r g[j, r] W[r, c] for j < b, c in [c0, c1), r < R (b in blocks of 8).  W: [R, *]; g: [b, R].
   void (*vecmat)(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
                  T* out, int64_t ldo, bool accumulate);
 };
 
-// Largest batch the matrix-vector kernels take.
+// Batch rows a matrix-vector micro-kernel holds in registers.
 constexpr int64_t kSmallBatch = 8;
 
 namespace DEFAULT {

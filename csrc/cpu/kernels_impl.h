@@ -38,6 +38,20 @@ inline void st(const Vec<T>& v, T* p, int64_t n) {
   if (n == Vec<T>::size()) v.store(p); else v.store(p, n);
 }
 
+// Gradient w.r.t. h at row j, columns [k, k+n): dh plus the optional grad_y addend.
+template <typename T>
+inline Vec<T> grad_h(const BwdArgs<T>& a, int64_t j, int64_t k, int64_t n) {
+  const Vec<T> dh = ld(a.dh + j * a.ld_dh + k, n);
+  return a.dh2 ? dh + ld(a.dh2 + j * a.ld_dh2 + k, n) : dh;
+}
+
+// Writes the new h at row j, columns [k, k+n), to out and, if given, out2.
+template <typename T>
+inline void store_h(const FwdArgs<T>& a, int64_t j, int64_t k, const Vec<T>& h, int64_t n) {
+  st(h, a.out + j * a.ld_out + k, n);
+  if (a.out2) st(h, a.out2 + j * a.ld_out2 + k, n);
+}
+
 // ---- gate passes ------------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -47,8 +61,6 @@ void lstm_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k
   for (int64_t j = j0; j < j1; ++j) {
     const T* p = a.pre + j * a.ld_pre;
     T* c = a.c + j * a.ld_c;
-    T* out = a.out + j * a.ld_out;
-    T* out2 = a.out2 ? a.out2 + j * a.ld_out2 : nullptr;
     T* r = a.res ? a.res + j * a.ld_res : nullptr;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
@@ -59,8 +71,7 @@ void lstm_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k
       const Vec<T> cn = at::vec::fmadd(gf, ld(c + k, n), gi * gg);
       const Vec<T> h = go * cn.tanh();
       st(cn, c + k, n);
-      st(h, out + k, n);
-      if (out2) st(h, out2 + k, n);
+      store_h(a, j, k, h, n);
       if (r) {
         st(gi, r + k, n);
         st(gf, r + H + k, n);
@@ -78,16 +89,13 @@ void lstm_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k
   const int64_t H = a.H;
   const Vec<T> one(T(1));
   for (int64_t j = j0; j < j1; ++j) {
-    const T* dhp = a.dh + j * a.ld_dh;
-    const T* dh2 = a.dh2 ? a.dh2 + j * a.ld_dh2 : nullptr;
     const T* r = a.res + j * a.ld_res;
     const T* cp = a.prev.row(j);
     T* dc = a.dc + j * a.ld_dc;
     T* dg = a.dg + j * a.ld_dg;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
-      Vec<T> dh = ld(dhp + k, n);
-      if (dh2) dh = dh + ld(dh2 + k, n);
+      const Vec<T> dh = grad_h(a, j, k, n);
       const Vec<T> gi = ld(r + k, n), gf = ld(r + H + k, n), gg = ld(r + 2 * H + k, n), go = ld(r + 3 * H + k, n);
       const Vec<T> tc = ld(r + 4 * H + k, n).tanh();
       const Vec<T> dcv = at::vec::fmadd(dh * go, one - tc * tc, ld(dc + k, n));
@@ -108,8 +116,6 @@ void gru_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
     const T* p = a.pre + j * a.ld_pre;
     const T* hg = a.hg + j * a.ld_hg;
     const T* hp = a.hprev.row(j);
-    T* out = a.out + j * a.ld_out;
-    T* out2 = a.out2 ? a.out2 + j * a.ld_out2 : nullptr;
     T* res = a.res ? a.res + j * a.ld_res : nullptr;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
@@ -118,9 +124,7 @@ void gru_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
       Vec<T> hn = ld(hg + 2 * H + k, n);
       if (a.b_hn) hn = hn + ld(a.b_hn + k, n);
       const Vec<T> nn = at::vec::fmadd(r, hn, ld(p + 2 * H + k, n)).tanh();
-      const Vec<T> h = at::vec::fmadd(z, ld(hp + k, n) - nn, nn);
-      st(h, out + k, n);
-      if (out2) st(h, out2 + k, n);
+      store_h(a, j, k, at::vec::fmadd(z, ld(hp + k, n) - nn, nn), n);
       if (res) {
         st(r, res + k, n);
         st(z, res + H + k, n);
@@ -137,8 +141,6 @@ void gru_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
   const int64_t H = a.H;
   const Vec<T> one(T(1));
   for (int64_t j = j0; j < j1; ++j) {
-    const T* dhp = a.dh + j * a.ld_dh;
-    const T* dh2 = a.dh2 ? a.dh2 + j * a.ld_dh2 : nullptr;
     const T* res = a.res + j * a.ld_res;
     const T* hp = a.prev.row(j);
     T* dg = a.dg + j * a.ld_dg;
@@ -146,8 +148,7 @@ void gru_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
     T* dhprev = a.dhp + j * a.ld_dhp;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
-      Vec<T> dh = ld(dhp + k, n);
-      if (dh2) dh = dh + ld(dh2 + k, n);
+      const Vec<T> dh = grad_h(a, j, k, n);
       const Vec<T> r = ld(res + k, n), z = ld(res + H + k, n), nn = ld(res + 2 * H + k, n);
       const Vec<T> hn = ld(res + 3 * H + k, n);
       const Vec<T> dpn = dh * (one - z) * (one - nn * nn);
@@ -169,14 +170,10 @@ void rnn_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
   constexpr int64_t V = Vec<T>::size();
   for (int64_t j = j0; j < j1; ++j) {
     const T* p = a.pre + j * a.ld_pre;
-    T* out = a.out + j * a.ld_out;
-    T* out2 = a.out2 ? a.out2 + j * a.ld_out2 : nullptr;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
       const Vec<T> x = ld(p + k, n);
-      const Vec<T> h = kRelu ? at::vec::clamp_min(x, Vec<T>(T(0))) : x.tanh();
-      st(h, out + k, n);
-      if (out2) st(h, out2 + k, n);
+      store_h(a, j, k, kRelu ? at::vec::clamp_min(x, Vec<T>(T(0))) : x.tanh(), n);
     }
   }
 }
@@ -186,14 +183,11 @@ void rnn_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
   constexpr int64_t V = Vec<T>::size();
   const Vec<T> one(T(1)), zero(T(0));
   for (int64_t j = j0; j < j1; ++j) {
-    const T* dhp = a.dh + j * a.ld_dh;
-    const T* dh2 = a.dh2 ? a.dh2 + j * a.ld_dh2 : nullptr;
     const T* y = a.y + j * a.ld_y;
     T* dg = a.dg + j * a.ld_dg;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
-      Vec<T> dh = ld(dhp + k, n);
-      if (dh2) dh = dh + ld(dh2 + k, n);
+      const Vec<T> dh = grad_h(a, j, k, n);
       const Vec<T> h = ld(y + k, n);
       st(kRelu ? dh * h.gt(zero) : dh * (one - h * h), dg + k, n);
     }
@@ -250,18 +244,21 @@ void matvec_nb(const T* W, int64_t ldw, int64_t NRows, int64_t K, const T* const
 template <typename T>
 void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& hs, int64_t b, T* out,
             int64_t ldo, bool accumulate) {
-  const T* h[kSmallBatch];
-  for (int64_t j = 0; j < b; ++j) h[j] = hs.row(j);
-  switch (b) {
-    case 1: return matvec_nb<T, 1>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 2: return matvec_nb<T, 2>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 3: return matvec_nb<T, 3>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 4: return matvec_nb<T, 4>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 5: return matvec_nb<T, 5>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 6: return matvec_nb<T, 6>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 7: return matvec_nb<T, 7>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    case 8: return matvec_nb<T, 8>(W, ldw, NRows, K, h, out, ldo, accumulate);
-    default: return;
+  for (int64_t j0 = 0; j0 < b; j0 += kSmallBatch) {  // batch rows in register blocks of up to 8
+    const T* h[kSmallBatch];
+    const int64_t nb = std::min(kSmallBatch, b - j0);
+    for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
+    T* o = out + j0 * ldo;
+    switch (nb) {
+      case 1: matvec_nb<T, 1>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 2: matvec_nb<T, 2>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 3: matvec_nb<T, 3>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 4: matvec_nb<T, 4>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 5: matvec_nb<T, 5>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 6: matvec_nb<T, 6>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 7: matvec_nb<T, 7>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      default: matvec_nb<T, 8>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+    }
   }
 }
 
@@ -304,16 +301,19 @@ void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const
 template <typename T>
 void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
             T* out, int64_t ldo, bool accumulate) {
-  switch (b) {
-    case 1: return vecmat_nb<T, 1>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 2: return vecmat_nb<T, 2>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 3: return vecmat_nb<T, 3>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 4: return vecmat_nb<T, 4>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 5: return vecmat_nb<T, 5>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 6: return vecmat_nb<T, 6>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 7: return vecmat_nb<T, 7>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    case 8: return vecmat_nb<T, 8>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
-    default: return;
+  for (int64_t j0 = 0; j0 < b; j0 += kSmallBatch) {  // batch rows in register blocks of up to 8
+    const T* gj = g + j0 * ldg;
+    T* o = out + j0 * ldo;
+    switch (std::min(kSmallBatch, b - j0)) {
+      case 1: vecmat_nb<T, 1>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      case 2: vecmat_nb<T, 2>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      case 3: vecmat_nb<T, 3>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      case 4: vecmat_nb<T, 4>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      case 5: vecmat_nb<T, 5>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      case 6: vecmat_nb<T, 6>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      case 7: vecmat_nb<T, 7>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      default: vecmat_nb<T, 8>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+    }
   }
 }
 
