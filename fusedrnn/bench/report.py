@@ -213,8 +213,8 @@ def compare(old: dict, new: dict) -> str:
             lines.append(f"{r['case_id']:<40} {r['mode']:<6} {fmt.impl_title(n):<10} "
                          f"{fmt.ms(t0):>8} -> {fmt.ms(t1):>8} ms  {100 * change:+6.1f}%{sp}")
     om, nm = old.get("machine", {}), new.get("machine", {})
-    head = (f"old: {om.get('date_utc')} git {om.get('git_commit')} {om.get('device_name')}\n"
-            f"new: {nm.get('date_utc')} git {nm.get('git_commit')} {nm.get('device_name')}")
+    head = "\n".join(f"{k}: {m.get('date_utc')} git {m.get('git_commit')} {m.get('device_name')}, "
+                     f"{m.get('threads')} threads, load {_load(m.get('load_avg'))}" for k, m in (("old", om), ("new", nm)))
     if not lines:
         return head + "\nno (case, mode, implementation) measured in both runs"
     return (head + f"\n{len(lines)} measurements in both runs: {faster} faster by >5%, {slower} slower by >5%\n"
