@@ -1,0 +1,139 @@
+"""Memory, for every available backend:
+
+- no growth over 1000 forward+backward iterations of a small model: the resident set size (/proc/self/statm) and
+  the number of gc-tracked objects (tensors, lists, autograd contexts...) are compared between iteration 800 and
+  1000, with a small slack; a companion test shows the check catches a leak of one small tensor per iteration
+  (tracemalloc is not used: it slows the reference backend's Python loop several times over);
+- bytes saved for backward per token, against torch.nn's (torch.autograd.graph.saved_tensors_hooks, unique storages,
+  parameters excluded): ours must not exceed SAVED_BYTES_BOUND times torch.nn's.
+"""
+import gc
+import os
+
+import pytest
+import torch
+
+from conftest import conformance_backends
+from helpers import make_pair
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+RSS_SLACK = 1 << 20        # 1 MiB over the last 200 iterations (allocator noise); one leaked y is 200 * 4 KiB
+OBJECT_SLACK = 100         # gc-tracked objects
+SAVED_BYTES_BOUND = 1.5    # ours / torch.nn's saved bytes per token
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def _snapshot():
+    gc.collect()
+    return _rss(), len(gc.get_objects())
+
+
+def _iterations(model, x, n, keep=None, extra=0):
+    """n (+ extra) forward+backward iterations; returns the snapshots 200 iterations before n, at n and at
+    n + extra."""
+    snaps = {}
+    for it in range(n + extra):
+        out, _ = model(x)
+        loss = out.square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if keep is not None:
+            keep.append(out.detach().clone())  # the deliberate leak of the companion test
+        if it + 1 in (n - 200, n, n + extra):
+            snaps[it + 1] = _snapshot()
+    return snaps[n - 200], snaps[n], snaps[n + extra]
+
+
+def _growth(backend, n, leak=False, extra=0):
+    """(RSS growth, object-count growth) over iterations n-200..n, and the RSS growth over n..n+extra."""
+    torch.manual_seed(0)
+    _, model = make_pair("LSTM", 8, 16, backend=backend, dtype=torch.float64)
+    x = torch.randn(8, 4, 8, dtype=torch.float64, requires_grad=True)
+    a, b, c = _iterations(model, x, n, [] if leak else None, extra)
+    return b[0] - a[0], b[1] - a[1], c[0] - b[0]
+
+
+@pytest.fixture
+def one_thread():
+    """The growth tests measure memory, not speed: one intra-op thread keeps the allocator's pattern simple and the
+    reference backend's many small ops from waiting on busy OpenMP workers on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+def test_no_growth_over_1000_iterations(one_thread, backend):
+    rss, objects, rss_next = _growth(backend, 1000, extra=200)
+    # The allocator sometimes steps up once, late (arena growth, fragmentation); a leak keeps growing. So the RSS
+    # must be flat (within the slack) over iterations 800-1000 or over the next 200.
+    assert min(rss, rss_next) <= RSS_SLACK, \
+        f"RSS grew by {rss / 1024:.0f} KiB over iterations 800-1000 and by {rss_next / 1024:.0f} KiB over 1000-1200"
+    assert objects <= OBJECT_SLACK, f"{objects} more gc-tracked objects after the last 200 iterations"
+
+
+def test_the_growth_check_catches_a_small_leak(one_thread):
+    """One retained output per iteration ([8, 4, 16] float64: a tensor object and 4 KiB) is caught by the object
+    count (the RSS may not move: the allocator reuses memory freed during the warm-up)."""
+    rss, objects, _ = _growth("reference", 300, leak=True)
+    assert objects >= 200 > OBJECT_SLACK, objects
+
+
+# ---- bytes saved for backward ---------------------------------------------------------------------------------------
+
+def saved_bytes(module, x):
+    """Bytes of the unique storages the autograd graph of module(x) saves, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                storages[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = module(x)
+    del out
+    return sum(storages.values())
+
+
+# T=64, B=4: 256 tokens; I=H=32, two layers.
+SAVED_CASES = [("LSTM", {}), ("LSTM", {"proj_size": 16}), ("GRU", {}), ("RNN", {}),
+               ("LSTM", {"bidirectional": True})]
+
+
+def saved_per_token(kind, kw, backend, dtype=torch.float32, T=64, B=4, I=32, H=32):
+    ref, ours = make_pair(kind, I, H, num_layers=2, backend=backend, dtype=dtype, **kw)
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    return saved_bytes(ours, x) / (T * B), saved_bytes(ref, x) / (T * B)
+
+
+@pytest.mark.parametrize("backend", conformance_backends(dtype=torch.float32))
+@pytest.mark.parametrize("kind,kw", SAVED_CASES, ids=lambda v: v if isinstance(v, str) else
+                         "".join(f"{k}{w}" for k, w in v.items()) or "plain")
+def test_saved_bytes_per_token_within_bound_of_torch(backend, kind, kw):
+    ours, theirs = saved_per_token(kind, kw, backend)
+    print(f"{backend} {kind} {kw}: saved for backward {ours:.0f} B/token, torch.nn {theirs:.0f} B/token "
+          f"({ours / theirs:.2f}x)")
+    assert ours > 0 and theirs > 0
+    assert ours <= SAVED_BYTES_BOUND * theirs, f"{ours:.0f} B/token vs torch.nn's {theirs:.0f}"
+
+
+def test_saved_bytes_count_unique_storages():
+    """The counter itself: a tensor saved twice counts once, parameters not at all."""
+    x = torch.randn(3, 4, requires_grad=True)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) * x * x, None  # saves x (three times), lin(x), lin(x) * x and the weight
+    assert saved_bytes(Twice(), x) == 3 * x.untyped_storage().nbytes()
