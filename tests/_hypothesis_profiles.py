@@ -1,6 +1,6 @@
 """Hypothesis profiles for the fuzz tests, chosen by the HYPOTHESIS_PROFILE environment variable (default "ci").
 
-    ci       200 examples per fuzz test, the default: the whole of tests/test_fuzz.py in well under a minute on 2 cores
+    ci       200 examples per fuzz test, the default: tests/test_fuzz.py in about 40 s on 2 busy cores
     release  3000 examples per fuzz test (about 10x the CI time): before a release, or after a kernel change
     dev      20 examples, for a quick local loop
 

@@ -32,7 +32,7 @@ def test_four_threads_give_single_thread_results(backend, kind):
     _, m = make_pair(kind, 5, 12, num_layers=2, bidirectional=True, backend=backend)
     g = torch.Generator().manual_seed(0)
     inputs = [(torch.randn(12, 2 + k, 5, generator=g, dtype=torch.float64),
-               [12 - 3 * j for j in range(2 + k)]) for k in range(N_THREADS)]
+               [12 - 2 * j for j in range(2 + k)]) for k in range(N_THREADS)]
     expected = [_work(m, x, ls) for x, ls in inputs]
     results, errors = [None] * N_THREADS, []
     barrier = threading.Barrier(N_THREADS)
