@@ -201,11 +201,11 @@ int64_t small_slices(const Layout& L) {
 }
 
 // The persistent (thread-sliced matrix-vector) loops or the GEMM-per-step loops. Persistent: batches of up to 8,
-// and up to 64 while each thread's slice of W_hh fits its private L2 (512 KiB here). Measured with 2 threads
-// (ratio GEMM loop / persistent loop, fwd and fwd+bwd): LSTM T100 B16 H256 14.7 / 2.6, LSTM T500 B32 H128
-// 2.3 / 2.6, GRU T500 B32 H128 5.3 / 2.9, RNN T200 B16 H256 3.0 / 2.4; the per-step BLAS calls (thread fork/join
-// each time) cost more than the products at these sizes. FUSEDRNN_CPU_LOOP=persistent|gemm overrides (tests and
-// benchmarks use it to run both loops on the same shapes).
+// and up to 64 while each thread's slice of W_hh fits its private L2 (512 KiB here). Measured with 2 threads on
+// an idle machine (time of the GEMM loop / the persistent loop, fwd and fwd+bwd): LSTM T100 B16 H256 1.51 / 0.97,
+// LSTM T500 B32 H128 1.02 / 0.96, GRU T100 B16 H256 1.40 / 1.02, RNN T200 B16 H256 1.20 / 0.96; under heavy load
+// the per-step BLAS calls (an OpenMP fork/join each) degrade far more (2.3-15x). FUSEDRNN_CPU_LOOP=persistent|gemm
+// overrides (tests and benchmarks use it to run both loops on the same shapes).
 constexpr int64_t kPersistentMaxBatch = 64;
 constexpr int64_t kPersistentMaxSliceBytes = 512 * 1024;
 
