@@ -18,14 +18,19 @@ from .backends import GATES, get_backend
 from .reference import RESERVE_WIDTH
 
 
+def _impl(backend: str, x: Tensor):
+    """The backend to run. An empty batch (no rows) has no work for a kernel, and BLAS rejects zero leading
+    dimensions: the reference's loop over zero rows gives the exact, empty result for every backend."""
+    return get_backend("reference" if x.shape[0] == 0 else backend)
+
+
 @torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=())
 def rnn_layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor],
               has_biases: bool, num_directions: int, train: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [N, I], batch_sizes [T] (int64, CPU), hx [D, B, P], cx [D, B, H] (LSTM) or None, weights per direction
     (w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> y [N, D*P], hy [D, B, P], cy [D, B, H] or [0], reserve [D, N, R] or [0]."""
-    out = tuple(get_backend(backend).forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions,
-                                             train))
+    out = tuple(_impl(backend, x).forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train))
     if debug.nan_fill_enabled():  # FUSEDRNN_DEBUG_NAN=1: outputs were NaN-filled; none may stay unwritten
         debug.check_written(backend, "rnn_layer", [x, hx, cx, weights],
                             {"y": out[0], "hy": out[1], "cy": out[2], "reserve": out[3]})
@@ -54,8 +59,8 @@ def rnn_layer_backward(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tens
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """grad_y [N, D*P], grad_hy [D, B, P], grad_cy [D, B, H] or [0] -> grad_x [N, I], grad_hx [D, B, P],
     grad_cx [D, B, H] or [0], weight grads shaped as `weights`."""
-    gx, ghx, gcx, gws = get_backend(backend).backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx,
-                                                      weights, has_biases, num_directions, y, reserve)
+    gx, ghx, gcx, gws = _impl(backend, x).backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
+                                                   has_biases, num_directions, y, reserve)
     if debug.nan_fill_enabled():
         debug.check_written(backend, "rnn_layer_backward", [grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve],
                             {"grad_x": gx, "grad_hx": ghx, "grad_cx": gcx, "grad_weights": list(gws)})

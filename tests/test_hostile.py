@@ -102,18 +102,7 @@ def test_nan_and_inf_propagate_as_in_torch(backend, kind, where, value):
     got, want = _run(ours, make), _run(ref, make)
     n_out = 3 if name == "LSTM" else 2
     assert_same_pattern_and_close(got[:n_out], want[:n_out], f"{backend} {where}={value} outputs")
-    try:
-        assert_same_pattern_and_close(got[n_out:], want[n_out:], f"{backend} {where}={value} grads")
-    except AssertionError:
-        if backend == "cpu" and kw.get("nonlinearity") == "relu":
-            pytest.xfail(CPU_RELU_BACKWARD_BUG)
-        raise
-
-
-# Reported to the C++ engineer; the test passes as soon as the kernel is fixed.
-CPU_RELU_BACKWARD_BUG = (
-    "csrc/cpu/kernels_impl.h:198 (rnn_bwd<T, kRelu>): relu' is dh * (h > 0), torch.nn's threshold_backward is "
-    "where(h <= 0, 0, dh): a NaN h must pass dh through and a NaN dh at h <= 0 must give 0")
+    assert_same_pattern_and_close(got[n_out:], want[n_out:], f"{backend} {where}={value} grads")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

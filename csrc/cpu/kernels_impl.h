@@ -189,7 +189,8 @@ void rnn_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
       const int64_t n = std::min(V, k1 - k);
       const Vec<T> dh = grad_h(a, j, k, n);
       const Vec<T> h = ld(y + k, n);
-      st(kRelu ? dh * h.gt(zero) : dh * (one - h * h), dg + k, n);
+      // relu': torch's threshold_backward, where(h <= 0, 0, dh): an Inf/NaN dh on a dead unit gives 0, as in torch.nn
+      st(kRelu ? Vec<T>::blendv(dh, zero, h <= zero) : dh * (one - h * h), dg + k, n);
     }
   }
 }
