@@ -150,9 +150,34 @@ def _use_ninja() -> bool:
     return shutil.which("ninja") is not None
 
 
+def _local_version() -> str:
+    """PEP 440 local label naming what the compiled parts were built against, e.g. `cu130torch2.14` or `cputorch2.13`
+    (FUSEDRNN_LOCAL_VERSION="" drops it, for an upload to an index that refuses local versions)."""
+    if "FUSEDRNN_LOCAL_VERSION" in os.environ:
+        return os.environ["FUSEDRNN_LOCAL_VERSION"]
+    import torch
+
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    cuda = "cu" + torch.version.cuda.replace(".", "") if _cuda_extensions() else "cpu"
+    return f"{cuda}torch{torch_mm}"
+
+
+def _write_build_info() -> None:
+    """fusedrnn/_build_info.py records the torch the extensions are compiled against, so that importing them under
+    another torch gives a clear error naming both versions instead of an undefined-symbol trace."""
+    import torch
+
+    with open(os.path.join(ROOT, "fusedrnn", "_build_info.py"), "w", encoding="utf-8") as f:
+        f.write("# Written by setup.py at build time; not tracked.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\nCUDA_VERSION = {torch.version.cuda!r}\n")
+
+
+_write_build_info()
+_LOCAL = _local_version()
+
 setup(
     name="fusedrnn",
-    version=_version(),
+    version=_version() + (f"+{_LOCAL}" if _LOCAL else ""),
     packages=find_packages(include=["fusedrnn", "fusedrnn.*"]),
     ext_modules=[_cpu_extension()] + _cuda_extensions(),
     cmdclass={"build_ext": FusedrnnBuild.with_options(use_ninja=_use_ninja())},

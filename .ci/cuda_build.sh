@@ -64,9 +64,10 @@ WHEEL=$(ls "$WORK"/dist/fusedrnn-*.whl)
 "$PY" -c "import sys, zipfile; n = zipfile.ZipFile(sys.argv[1]).namelist(); \
 assert any(x.startswith('fusedrnn/_C_cuda') for x in n), n; print(sys.argv[1])" "$WHEEL"
 
-step "install the wheel and import it from outside the sources"
-"$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL"
-(cd "$WORK" && "$PY" -c "import fusedrnn, fusedrnn._C_cuda; assert 'cuda' in fusedrnn.available_backends(); \
-print('installed', fusedrnn.__file__)")
+step "install the wheel into a fresh environment and smoke-test it from outside the sources"
+python3 -m venv "$WORK/venv-wheel"
+"$WORK/venv-wheel/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" numpy
+"$WORK/venv-wheel/bin/python" -m pip install -q --no-deps "$WHEEL"
+(cd "$WORK" && "$WORK/venv-wheel/bin/python" "$ROOT/.ci/smoke.py" --cuda)
 
 step "done"

@@ -5,6 +5,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -12,6 +14,20 @@
 #include "cpu/kernels.h"
 
 namespace fusedrnn {
+
+// FUSEDRNN_DEBUG_NAN=1 (fusedrnn/debug.py), read at every call: buffers a kernel must fully overwrite start as NaN,
+// so an element it forgets to write shows up in the result instead of passing as a stale plausible value.
+inline bool debug_nan() {
+  const char* v = std::getenv("FUSEDRNN_DEBUG_NAN");
+  return v && *v && std::string(v) != "0";
+}
+
+// at::empty for outputs and workspaces that are written before they are read: NaN-filled in the debug mode.
+inline at::Tensor alloc(at::IntArrayRef size, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(size, options);
+  if (debug_nan() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 struct Layout {
   cpu::Mode mode;

@@ -9,6 +9,26 @@ fastest one built for the input's device.
 """
 __version__ = "0.1.0"
 
+
+def _check_build_matches_torch() -> None:
+    """Compiled extensions only load under the torch (major.minor) they were built against; say so clearly."""
+    try:
+        from ._build_info import TORCH_VERSION
+    except ImportError:  # a source checkout that was never built: only the Python backends exist
+        return
+    import torch
+
+    def mm(v):
+        return tuple(v.split("+")[0].split(".")[:2])
+    if mm(TORCH_VERSION) != mm(torch.__version__):
+        raise ImportError(
+            f"fusedrnn {__version__} was built for torch {TORCH_VERSION}, but torch {torch.__version__} is installed. "
+            f"Install the fusedrnn build for torch {'.'.join(mm(torch.__version__))} or rebuild it against this torch "
+            "(pip install --no-build-isolation . in the fusedrnn sources).")
+
+
+_check_build_matches_torch()
+
 from . import reference as _reference  # noqa: F401,E402  (always registered)
 from .backends import available_backends  # noqa: E402
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402

@@ -238,8 +238,8 @@ struct FwdScratch {
   T* hf = nullptr;
   explicit FwdScratch(const Layout& L) {
     const auto dtype = c10::CppTypeToScalarType<T>::value;
-    if (L.mode == kGRU) hg = (hg_t = at::empty({L.B, L.G * L.H}, dtype)).template data_ptr<T>();
-    if (L.proj) hf = (hf_t = at::empty({L.B, L.H}, dtype)).template data_ptr<T>();
+    if (L.mode == kGRU) hg = (hg_t = alloc({L.B, L.G * L.H}, at::TensorOptions(dtype))).template data_ptr<T>();
+    if (L.proj) hf = (hf_t = alloc({L.B, L.H}, at::TensorOptions(dtype))).template data_ptr<T>();
   }
 };
 
@@ -357,17 +357,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
   const auto opts = x.options();
   const int64_t GH = L.G * L.H;
-  Tensor xg = at::empty({L.N, L.D * GH}, opts);
+  Tensor xg = alloc({L.N, L.D * GH}, opts);
   if (L.bias) at::addmm_out(xg, input_bias(L, ws), x, cat_w_ih(L, ws).t());
   else at::mm_out(xg, x, cat_w_ih(L, ws).t());
   std::vector<Tensor> b_hn;
   if (L.mode == kGRU && L.bias)
     for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
 
-  Tensor y = at::empty({L.N, L.D * L.P}, opts);
+  Tensor y = alloc({L.N, L.D * L.P}, opts);
   Tensor hy = hx.clone();
   Tensor cy = L.mode == kLSTM ? cx.clone() : at::empty({0}, opts);
-  Tensor reserve = train ? at::empty({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
+  Tensor reserve = train ? alloc({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
   for (int64_t d = 0; d < L.D; ++d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, hx, cx, y, reserve);
     T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
@@ -481,7 +481,7 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>
 template <typename T>
 Tensor gather_h_prev(const Dir<T>& dir, const at::TensorOptions& opts) {
   const Layout& L = *dir.L;
-  Tensor hp = at::empty({L.N, L.P}, opts);
+  Tensor hp = alloc({L.N, L.P}, opts);
   T* out = hp.data_ptr<T>();
   for (int64_t t = 0; t < L.T; ++t) {
     const RowSrc<T> src = dir.h_prev(t);
@@ -506,10 +506,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
               "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
   TORCH_CHECK(gy.sizes() == y.sizes(), "fusedrnn: grad_y should have the shape of y");
 
-  Tensor dg = at::empty({L.N, L.D * GH}, opts);
-  Tensor dgh = L.mode == kGRU ? at::empty({L.N, GH}, opts) : Tensor();
-  Tensor dht = L.proj ? at::empty({L.N, L.P}, opts) : Tensor();
-  Tensor dhf = L.proj ? at::empty({L.B, L.H}, opts) : Tensor();
+  Tensor dg = alloc({L.N, L.D * GH}, opts);
+  Tensor dgh = L.mode == kGRU ? alloc({L.N, GH}, opts) : Tensor();
+  Tensor dht = L.proj ? alloc({L.N, L.P}, opts) : Tensor();
+  Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
   Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
   Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
                    : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
