@@ -67,14 +67,32 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def _rss_windows(backend, first=1000, window=200, last=2000):
+    """RSS growth over each `window` iterations from `first` to `last`, and the object-count growth over the first
+    window after `first`."""
+    torch.manual_seed(0)
+    _, model = make_pair("LSTM", 8, 16, backend=backend, dtype=torch.float64)
+    x = torch.randn(8, 4, 8, dtype=torch.float64, requires_grad=True)
+    marks = set(range(first, last + 1, window))
+    snaps = []
+    for it in range(last):
+        out, _ = model(x)
+        out.square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        if it + 1 in marks:
+            snaps.append(_snapshot())
+    rss = [b[0] - a[0] for a, b in zip(snaps, snaps[1:])]
+    return rss, snaps[1][1] - snaps[0][1]
+
+
 @pytest.mark.parametrize("backend", conformance_backends())
 def test_no_growth_over_1000_iterations(one_thread, backend):
-    rss, objects, rss_next = _growth(backend, 1000, extra=200)
-    # The allocator sometimes steps up once, late (arena growth, fragmentation); a leak keeps growing. So the RSS
-    # must be flat (within the slack) over iterations 800-1000 or over the next 200.
-    assert min(rss, rss_next) <= RSS_SLACK, \
-        f"RSS grew by {rss / 1024:.0f} KiB over iterations 800-1000 and by {rss_next / 1024:.0f} KiB over 1000-1200"
-    assert objects <= OBJECT_SLACK, f"{objects} more gc-tracked objects after the last 200 iterations"
+    # The allocator's footprint settles after a warm-up whose length depends on the heap the earlier tests left
+    # (measured: +1.7 MiB, +0.6 MiB, then 0 per 500 iterations after a fragmenting suite); a leak never settles.
+    # So after 1000 iterations some 200-iteration window up to iteration 2000 must be flat within the slack.
+    rss, objects = _rss_windows(backend)
+    assert min(rss) <= RSS_SLACK, f"RSS grew in every 200-iteration window from 1000 to 2000: {[r // 1024 for r in rss]} KiB"
+    assert objects <= OBJECT_SLACK, f"{objects} more gc-tracked objects over iterations 1000-1200"
 
 
 def test_the_growth_check_catches_a_small_leak(one_thread):
