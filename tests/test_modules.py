@@ -263,3 +263,12 @@ def test_env_var_is_read_at_call_time(monkeypatch):
     monkeypatch.setenv("FUSEDRNN_BACKEND", "reference")
     assert resolve("auto", torch.device("cpu"), torch.float64, "lstm", False) == "reference"
     assert os.environ["FUSEDRNN_BACKEND"] == "reference"
+
+
+def test_auto_on_cuda_runs_only_gpu_verified_backends(monkeypatch):
+    """Backends whose kernels have not yet run on a GPU (fusedrnn.backends.GPU_VERIFIED) are never picked by auto."""
+    from fusedrnn import backends
+    monkeypatch.delenv("FUSEDRNN_BACKEND", raising=False)
+    got = backends.resolve("auto", torch.device("cuda"), torch.float32, "lstm", False)
+    assert got in backends.GPU_VERIFIED + ("reference",)
+    assert "cuda" not in backends.GPU_VERIFIED and "triton" not in backends.GPU_VERIFIED
