@@ -65,10 +65,18 @@ struct KernelTable {
   // out[j, c] (+)= sum_r g[j, r] W[r, c] for j < b, c in [c0, c1), r < R (b in blocks of 8).  W: [R, *]; g: [b, R].
   void (*vecmat)(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
                  T* out, int64_t ldo, bool accumulate);
+  // Columns of one packed weight panel (two vectors). A panel is [K, panel] k-major: element (k, c) at k*panel + c.
+  int64_t panel;
+  // out[j, c] (+)= sum_k h_j[k] Wp[k, c] for j < b, c < n (n <= panel) from one packed panel; rows of h are taken
+  // in register blocks of up to 6 (12 accumulators), so each weight element loaded feeds up to 12 FMAs.
+  void (*panel_gemm)(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& h, int64_t b, T* out, int64_t ldo,
+                     bool accumulate);
 };
 
 // Batch rows a matrix-vector micro-kernel holds in registers.
 constexpr int64_t kSmallBatch = 8;
+// Batch rows held in registers by the packed-panel kernel and by the backward's vector-matrix kernel.
+constexpr int64_t kPanelRows = 6;
 
 namespace DEFAULT {
 const KernelTable<float>* kernels_float();

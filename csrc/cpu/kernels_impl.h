@@ -22,6 +22,10 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// Fully unrolls a loop over register-block indices before GCC decides where arrays of vectors live: without it the
+// accumulator arrays of the micro-kernels stay on the stack and every FMA is followed by a store.
+#define UNROLL _Pragma("GCC unroll 16")
+
 template <typename T>
 inline Vec<T> sigmoid(const Vec<T>& x) {
   const Vec<T> one(T(1));
@@ -212,18 +216,25 @@ inline void matvec_block(const T* W, int64_t ldw, int64_t K, const T* const* h, 
                          bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
   Vec<T> acc[NR][NB];
+  UNROLL
   for (int i = 0; i < NR; ++i)
+    UNROLL
     for (int jb = 0; jb < NB; ++jb) acc[i][jb] = Vec<T>(T(0));
   const int64_t Kv = K - K % V;
   for (int64_t k = 0; k < Kv; k += V) {
     Vec<T> hv[NB];
+    UNROLL
     for (int jb = 0; jb < NB; ++jb) hv[jb] = Vec<T>::loadu(h[jb] + k);
+    UNROLL
     for (int i = 0; i < NR; ++i) {
       const Vec<T> w = Vec<T>::loadu(W + i * ldw + k);
+      UNROLL
       for (int jb = 0; jb < NB; ++jb) acc[i][jb] = at::vec::fmadd(w, hv[jb], acc[i][jb]);
     }
   }
+  UNROLL
   for (int i = 0; i < NR; ++i) {
+    UNROLL
     for (int jb = 0; jb < NB; ++jb) {
       T s = hsum(acc[i][jb]);
       for (int64_t k = Kv; k < K; ++k) s += W[i * ldw + k] * h[jb][k];
@@ -269,17 +280,24 @@ inline void vecmat_block(const T* W, int64_t ldw, int64_t R, const T* g, int64_t
                          int64_t n, bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
   Vec<T> acc[NB][NC];
+  UNROLL
   for (int jb = 0; jb < NB; ++jb)
+    UNROLL
     for (int c = 0; c < NC; ++c) acc[jb][c] = Vec<T>(T(0));
   for (int64_t r = 0; r < R; ++r) {
     Vec<T> w[NC];
+    UNROLL
     for (int c = 0; c < NC; ++c) w[c] = ld(W + r * ldw + c * V, c == NC - 1 ? n : V);
+    UNROLL
     for (int jb = 0; jb < NB; ++jb) {
       const Vec<T> gv(g[jb * ldg + r]);
+      UNROLL
       for (int c = 0; c < NC; ++c) acc[jb][c] = at::vec::fmadd(gv, w[c], acc[jb][c]);
     }
   }
+  UNROLL
   for (int jb = 0; jb < NB; ++jb) {
+    UNROLL
     for (int c = 0; c < NC; ++c) {
       const int64_t m = c == NC - 1 ? n : V;
       T* o = out + jb * ldo + c * V;
@@ -292,7 +310,7 @@ template <typename T, int NB>
 void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, T* out,
                int64_t ldo, bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
-  constexpr int NC = NB <= 2 ? 4 : NB <= 4 ? 2 : 1;
+  constexpr int NC = NB <= 2 ? 4 : NB <= 4 ? 3 : 2;  // NB * NC <= 12 accumulators, + NC weights + 1 broadcast
   int64_t c = c0;
   for (; c + NC * V <= c1; c += NC * V) vecmat_block<T, NB, NC>(W + c, ldw, R, g, ldg, out + c, ldo, V, accumulate);
   for (; c < c1; c += V)
@@ -302,18 +320,62 @@ void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const
 template <typename T>
 void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
             T* out, int64_t ldo, bool accumulate) {
-  for (int64_t j0 = 0; j0 < b; j0 += kSmallBatch) {  // batch rows in register blocks of up to 8
+  for (int64_t j0 = 0; j0 < b; j0 += kPanelRows) {  // batch rows in register blocks of up to 6
     const T* gj = g + j0 * ldg;
     T* o = out + j0 * ldo;
-    switch (std::min(kSmallBatch, b - j0)) {
+    switch (std::min(kPanelRows, b - j0)) {
       case 1: vecmat_nb<T, 1>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
       case 2: vecmat_nb<T, 2>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
       case 3: vecmat_nb<T, 3>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
       case 4: vecmat_nb<T, 4>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
       case 5: vecmat_nb<T, 5>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      case 6: vecmat_nb<T, 6>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      case 7: vecmat_nb<T, 7>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      default: vecmat_nb<T, 8>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+      default: vecmat_nb<T, 6>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+    }
+  }
+}
+
+// MR batch rows x one packed panel (2 vectors of columns): out[j, c] (+)= sum_k h_j[k] Wp[k, c], n valid columns.
+// Per k: two weight loads and MR broadcasts feed 2 * MR FMAs into 2 * MR accumulators.
+template <typename T, int MR>
+inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64_t ldo, int64_t n,
+                        bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> a0[MR], a1[MR];
+  UNROLL
+  for (int j = 0; j < MR; ++j) a0[j] = a1[j] = Vec<T>(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec<T> w0 = Vec<T>::loadu(Wp + k * 2 * V), w1 = Vec<T>::loadu(Wp + k * 2 * V + V);
+    UNROLL
+    for (int j = 0; j < MR; ++j) {
+      const Vec<T> hb(h[j][k]);
+      a0[j] = at::vec::fmadd(w0, hb, a0[j]);
+      a1[j] = at::vec::fmadd(w1, hb, a1[j]);
+    }
+  }
+  const int64_t n0 = std::min(V, n), n1 = n - n0;
+  UNROLL
+  for (int j = 0; j < MR; ++j) {
+    T* o = out + j * ldo;
+    st(accumulate ? a0[j] + ld(o, n0) : a0[j], o, n0);
+    if (n1 > 0) st(accumulate ? a1[j] + ld(o + V, n1) : a1[j], o + V, n1);
+  }
+}
+
+template <typename T>
+void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
+                bool accumulate) {
+  for (int64_t j0 = 0; j0 < b; j0 += kPanelRows) {
+    const T* h[kPanelRows];
+    const int64_t nb = std::min(kPanelRows, b - j0);
+    for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
+    T* o = out + j0 * ldo;
+    switch (nb) {
+      case 1: panel_block<T, 1>(Wp, K, h, o, ldo, n, accumulate); break;
+      case 2: panel_block<T, 2>(Wp, K, h, o, ldo, n, accumulate); break;
+      case 3: panel_block<T, 3>(Wp, K, h, o, ldo, n, accumulate); break;
+      case 4: panel_block<T, 4>(Wp, K, h, o, ldo, n, accumulate); break;
+      case 5: panel_block<T, 5>(Wp, K, h, o, ldo, n, accumulate); break;
+      default: panel_block<T, 6>(Wp, K, h, o, ldo, n, accumulate); break;
     }
   }
 }
@@ -331,6 +393,8 @@ KernelTable<T> make_table() {
   t.bwd[kRNNRelu] = rnn_bwd<T, true>;
   t.matvec = matvec<T>;
   t.vecmat = vecmat<T>;
+  t.panel = 2 * Vec<T>::size();
+  t.panel_gemm = panel_gemm<T>;
   return t;
 }
 

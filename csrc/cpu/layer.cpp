@@ -129,9 +129,13 @@ class SpinBarrier {
   std::atomic<int64_t> gen_{0};
 };
 
-// [lo, hi) of slice s when n columns are cut into S slices aligned to 8 (a whole vector for float and double).
+// Width of every slice but the last when n columns are cut into S slices aligned to 8 (a whole vector for float
+// and double).
+int64_t slice_chunk(int64_t n, int64_t S) { return ((n + S - 1) / S + 7) / 8 * 8; }
+
+// [lo, hi) of slice s.
 std::pair<int64_t, int64_t> slice_range(int64_t n, int64_t s, int64_t S) {
-  const int64_t chunk = ((n + S - 1) / S + 7) / 8 * 8;
+  const int64_t chunk = slice_chunk(n, S);
   const int64_t lo = std::min(n, s * chunk);
   return {lo, std::min(n, lo + chunk)};
 }
@@ -283,6 +287,32 @@ void forward_large(const Dir<T>& dir, const KernelTable<T>& K, T* xg, T* h, T* c
   }
 }
 
+// W_hh of one thread's slice of hidden units [k0, k1), all gates, repacked k-major for KernelTable::panel_gemm:
+// panel q of gate g holds columns g*H + k0 + q*panel + [0, panel) (zero past k1) at dst + (g*npan + q)*panel*K.
+template <typename T>
+void pack_slice(const T* W, int64_t H, int64_t G, int64_t K, int64_t k0, int64_t k1, int64_t panel, int64_t npan,
+                T* dst) {
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t q = 0; q < npan; ++q) {
+      T* d = dst + (g * npan + q) * panel * K;
+      for (int64_t c = 0; c < panel; ++c) {
+        const int64_t col = k0 + q * panel + c;
+        if (col < k1) {
+          const T* w = W + (g * H + col) * K;
+          for (int64_t k = 0; k < K; ++k) d[k * panel + c] = w[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[k * panel + c] = T(0);
+        }
+      }
+    }
+  }
+}
+
+// Batches from which the forward persistent loop multiplies by per-thread packed panels of W_hh (a register-blocked
+// GEMM kernel) instead of the row-major matrix-vector kernel. Below it the step is bound by streaming the weights
+// once, which both do alike, and packing would only add work.
+constexpr int64_t kPackedMinBatch = 4;
+
 template <typename T>
 void forward_small(const Dir<T>& dir, const KernelTable<T>& K, T* xg, T* h, T* c) {
   const Layout& L = *dir.L;
@@ -291,18 +321,36 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, T* xg, T* h, T* c
   T* hg = scratch.hg;
   T* hf = scratch.hf;
   const int64_t S = small_slices(L);
+  // Packed panels: each thread packs its own slice (so its copy lands in its own cache) and uses only that.
+  const bool packed = L.B >= kPackedMinBatch;
+  const int64_t panel = K.panel, npan = (slice_chunk(H, S) + panel - 1) / panel, pstride = L.G * npan * panel * P;
+  Tensor wp_t = packed ? alloc({S * pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value)) : Tensor();
+  T* wp = packed ? wp_t.template data_ptr<T>() : nullptr;
+  T* rec_out = L.mode == kGRU ? hg : nullptr;  // GRU: h_prev W_hh^T apart; else accumulated into the XG rows
   SpinBarrier barrier(S);
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    if (packed) {
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const auto [k0, k1] = slice_range(H, sl, S);
+        pack_slice(dir.w_hh, H, L.G, P, k0, k1, panel, npan, wp + sl * pstride);
+      }
+    }
     for (int64_t s = 0; s < L.T; ++s) {
       const int64_t t = dir.step(s), b = L.bs[t];
       T* pre = xg + L.offs[t] * ldxg + dir.d * GH;
       const RowSrc<T> hp = dir.h_prev(t);
+      T* out = rec_out ? rec_out : pre;
+      const int64_t ldo = rec_out ? GH : ldxg;
       for (int64_t sl = s0; sl < s1; ++sl) {
         const auto [k0, k1] = slice_range(H, sl, S);
         for (int64_t g = 0; g < L.G; ++g) {
-          const T* w = dir.w_hh + (g * H + k0) * P;
-          if (L.mode == kGRU) K.matvec(w, P, k1 - k0, P, hp, b, hg + g * H + k0, GH, false);
-          else K.matvec(w, P, k1 - k0, P, hp, b, pre + g * H + k0, ldxg, true);
+          if (!packed) {
+            K.matvec(dir.w_hh + (g * H + k0) * P, P, k1 - k0, P, hp, b, out + g * H + k0, ldo, !rec_out);
+            continue;
+          }
+          for (int64_t q = 0, c0 = k0; c0 < k1; ++q, c0 += panel)
+            K.panel_gemm(wp + sl * pstride + (g * npan + q) * panel * P, P, std::min(panel, k1 - c0), hp, b,
+                         out + g * H + c0, ldo, !rec_out);
         }
         const FwdArgs<T> a = fwd_args(dir, t, pre, hg, hp, c, h, hf);
         K.fwd[L.mode](a, 0, b, k0, k1);
