@@ -317,19 +317,37 @@ void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const
     vecmat_block<T, NB, 1>(W + c, ldw, R, g, ldg, out + c, ldo, std::min(V, c1 - c), accumulate);
 }
 
+// NB rows of one strip of n <= 2V columns.
+template <typename T, int NB>
+void vecmat_strip(const T* W, int64_t ldw, int64_t R, const T* g, int64_t ldg, T* out, int64_t ldo, int64_t n,
+                  bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  if (n > V) vecmat_block<T, NB, 2>(W, ldw, R, g, ldg, out, ldo, n - V, accumulate);
+  else vecmat_block<T, NB, 1>(W, ldw, R, g, ldg, out, ldo, n, accumulate);
+}
+
 template <typename T>
 void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
             T* out, int64_t ldo, bool accumulate) {
-  for (int64_t j0 = 0; j0 < b; j0 += kPanelRows) {  // batch rows in register blocks of up to 6
-    const T* gj = g + j0 * ldg;
-    T* o = out + j0 * ldo;
-    switch (std::min(kPanelRows, b - j0)) {
-      case 1: vecmat_nb<T, 1>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      case 2: vecmat_nb<T, 2>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      case 3: vecmat_nb<T, 3>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      case 4: vecmat_nb<T, 4>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      case 5: vecmat_nb<T, 5>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
-      default: vecmat_nb<T, 6>(W, ldw, R, c0, c1, gj, ldg, o, ldo, accumulate); break;
+  constexpr int64_t V = Vec<T>::size();
+  // One or two rows: wide column blocks (enough accumulators to hide the FMA latency), the weights streamed once.
+  if (b == 1) return vecmat_nb<T, 1>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+  if (b == 2) return vecmat_nb<T, 2>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+  // More rows: strips of two vectors of columns, all row blocks of a strip in turn, so the strip of W (R x 2V)
+  // stays in L1/L2 while every row block reads it instead of the whole slice streaming once per row block.
+  for (int64_t c = c0; c < c1; c += 2 * V) {
+    const int64_t n = std::min(2 * V, c1 - c);
+    for (int64_t j0 = 0; j0 < b; j0 += kPanelRows) {
+      const T* gj = g + j0 * ldg;
+      T* o = out + j0 * ldo + c;
+      switch (std::min(kPanelRows, b - j0)) {
+        case 1: vecmat_strip<T, 1>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
+        case 2: vecmat_strip<T, 2>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
+        case 3: vecmat_strip<T, 3>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
+        case 4: vecmat_strip<T, 4>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
+        case 5: vecmat_strip<T, 5>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
+        default: vecmat_strip<T, 6>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
+      }
     }
   }
 }
