@@ -503,14 +503,39 @@ void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>
   }
 }
 
+// Columns [p0, p1) of W_hh [GH, P] in strips of `panel` columns, each strip contiguous ([GH, panel], zero past p1),
+// for KernelTable::panel_gemm with the gate gradients as the rows (dh = dG W_hh).
+template <typename T>
+void pack_columns(const T* W, int64_t R, int64_t ldw, int64_t p0, int64_t p1, int64_t panel, int64_t npan, T* dst) {
+  for (int64_t q = 0; q < npan; ++q) {
+    T* d = dst + q * panel * R;
+    const int64_t c0 = p0 + q * panel, n = std::max<int64_t>(0, std::min(panel, p1 - c0));
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < n; ++c) d[r * panel + c] = W[r * ldw + c0 + c];
+      for (int64_t c = n; c < panel; ++c) d[r * panel + c] = T(0);
+    }
+  }
+}
+
 template <typename T>
 void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb) {
   const Layout& L = *dir.L;
   const int64_t H = L.H, P = L.P, GH = dir.GH();
   const int64_t S = small_slices(L);
   if (L.proj) total_dh(dir, bb, dir.step(L.T - 1), 0, P);
+  // From batch 4, dh = dG W_hh multiplies by per-thread packed strips of W_hh (as the forward does).
+  const bool packed = L.B >= kPackedMinBatch;
+  const int64_t panel = K.panel, npan = (slice_chunk(P, S) + panel - 1) / panel, pstride = npan * panel * GH;
+  Tensor wp_t = packed ? alloc({S * pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value)) : Tensor();
+  T* wp = packed ? wp_t.template data_ptr<T>() : nullptr;
   SpinBarrier barrier(S);
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    if (packed) {
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const auto [p0, p1] = slice_range(P, sl, S);
+        pack_columns(dir.w_hh, GH, P, p0, p1, panel, npan, wp + sl * pstride);
+      }
+    }
     for (int64_t s = L.T - 1; s >= 0; --s) {
       const int64_t t = dir.step(s), b = L.bs[t];
       const BwdArgs<T> a = bwd_args(dir, bb, t);
@@ -523,7 +548,14 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>
       // Without a projection P == H and the slices match, so each thread next reads only the dh it wrote.
       for (int64_t sl = s0; sl < s1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
-        K.vecmat(dir.w_hh, P, GH, p0, p1, bb.rec(dir, t), bb.ld_rec(dir), b, bb.dh, P, L.mode == kGRU);
+        if (!packed) {
+          K.vecmat(dir.w_hh, P, GH, p0, p1, bb.rec(dir, t), bb.ld_rec(dir), b, bb.dh, P, L.mode == kGRU);
+        } else {
+          const RowSrc<T> g{bb.rec(dir, t), bb.ld_rec(dir), b, nullptr, 0};
+          for (int64_t q = 0, c0 = p0; c0 < p1; ++q, c0 += panel)
+            K.panel_gemm(wp + sl * pstride + q * panel * GH, GH, std::min(panel, p1 - c0), g, b, bb.dh + c0, P,
+                         L.mode == kGRU);
+        }
         if (L.proj && s > 0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
       }
       if (L.proj) barrier.wait(s1 - s0);
