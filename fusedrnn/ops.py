@@ -15,7 +15,13 @@ from torch import Tensor
 
 from . import debug
 from .backends import GATES, get_backend
-from .reference import RESERVE_WIDTH
+from .reference import RESERVE_WIDTH, check_batch_sizes
+
+# Backends whose forward checks batch_sizes against hx and x itself (csrc/common.h, csrc/cuda/torch_ops.cpp, the
+# reference). For any other the op checks it: under torch.compile the modules cannot (fusedrnn/modules.py,
+# _packed_batch), and a kernel given a batch_sizes that does not match B or N would read or write out of bounds.
+_CHECKS_BATCH_SIZES = ("cpu", "cuda", "reference")
+
 
 
 def _impl(backend: str, x: Tensor):
@@ -30,6 +36,8 @@ def rnn_layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optiona
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [N, I], batch_sizes [T] (int64, CPU), hx [D, B, P], cx [D, B, H] (LSTM) or None, weights per direction
     (w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> y [N, D*P], hy [D, B, P], cy [D, B, H] or [0], reserve [D, N, R] or [0]."""
+    if backend not in _CHECKS_BATCH_SIZES:
+        check_batch_sizes(batch_sizes.tolist(), hx.shape[1], x.shape[0])
     out = tuple(_impl(backend, x).forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train))
     if debug.nan_fill_enabled():  # FUSEDRNN_DEBUG_NAN=1: outputs were NaN-filled; none may stay unwritten
         debug.check_written(backend, "rnn_layer", [x, hx, cx, weights],

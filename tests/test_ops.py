@@ -111,3 +111,15 @@ def test_backward_without_saved_reserve_is_a_clear_error():
                                               args[1].detach(), args[2], args[3].detach(), None,
                                               [w.detach() for w in args[5]], True, 2, out[0], out[3],
                                               "reference")
+
+
+@pytest.mark.parametrize("backend", fusedrnn.available_backends())
+def test_layer_op_rejects_inconsistent_batch_sizes(backend):
+    """Every backend's forward rejects batch_sizes that do not fit hx (B) and x (N) (the cpu and cuda kernels and the
+    reference check it themselves, the op checks it for any other): under torch.compile this run-time check is the
+    only one a hand-built PackedSequence gets."""
+    args = list(layer_args("gru", backend=backend))  # B = 3, N = 9, batch_sizes [3, 3, 2, 1]
+    for bs in ([3, 2, 3, 1], [3, 3, 2, 2], [2, 2, 2, 2, 1], [3, 3, 3, 0]):
+        args[2] = torch.tensor(bs)
+        with pytest.raises(RuntimeError, match="batch_sizes"):
+            torch.ops.fusedrnn.rnn_layer(*args)

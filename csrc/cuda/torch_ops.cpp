@@ -36,6 +36,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common.h"  // alloc(): NaN-filled outputs and workspaces under FUSEDRNN_DEBUG_NAN=1
 #include "kernels.h"
 
 namespace fusedrnn {
@@ -219,25 +220,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_impl(const Layer& L, const Te
   const int64_t D = L.D, B = L.B, N = L.N, H = L.H, P = L.P, GH = L.G * L.H, R = L.R;
   const auto opts = x.options();
   const auto f32 = opts.dtype(at::kFloat);
-  Tensor y = at::empty({N, D * P}, opts);
-  Tensor hy = at::empty({D, B, P}, opts);
+  Tensor y = alloc({N, D * P}, opts);
+  Tensor hy = alloc({D, B, P}, opts);
   hy.copy_(hx);
   Tensor c32;  // [D, B, H] float32 carried cell state, ends as cy
   if (L.lstm()) {
-    c32 = at::empty({D, B, H}, f32);
+    c32 = alloc({D, B, H}, f32);
     c32.copy_(*cx);
   }
-  Tensor reserve = train ? at::empty({D, N, R}, opts) : at::empty({0}, opts);
+  Tensor reserve = train ? alloc({D, N, R}, opts) : at::empty({0}, opts);
   if (N > 0) {
     const Tensor w_ih_cat = D == 1 ? L.w_ih[0] : at::cat({L.w_ih[0], L.w_ih[1]}, 0);  // [D*GH, I]
-    Tensor gx = at::empty({N, D * GH}, f32);
+    Tensor gx = alloc({N, D * GH}, f32);
     mm_f32(gx, x, w_ih_cat.t());
     std::vector<Tensor> gh(D), h_full(D), w_hh_t(D), w_hr_t(D);
     for (int64_t d = 0; d < D; ++d) {
-      gh[d] = at::empty({B, GH}, f32);
+      gh[d] = alloc({B, GH}, f32);
       w_hh_t[d] = L.w_hh[d].t();  // [P, GH] views, made once rather than per step
       if (L.has_proj) {
-        h_full[d] = at::empty({B, H}, opts);
+        h_full[d] = alloc({B, H}, opts);
         w_hr_t[d] = L.w_hr[d].t();  // [H, P]
       }
     }
@@ -326,28 +327,28 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const auto f32 = opts.dtype(at::kFloat);
 
   // Outputs, all allocated on the caller's stream before the fork.
-  Tensor grad_x = at::empty({N, L.I}, opts);
-  Tensor grad_hx = at::empty({D, B, P}, opts);
-  Tensor grad_cx = L.lstm() ? at::empty({D, B, H}, opts) : at::empty({0}, opts);
+  Tensor grad_x = alloc({N, L.I}, opts);
+  Tensor grad_hx = alloc({D, B, P}, opts);
+  Tensor grad_cx = L.lstm() ? alloc({D, B, H}, opts) : at::empty({0}, opts);
   std::vector<Tensor> grad_w;
   for (int64_t d = 0; d < D; ++d) {
-    grad_w.push_back(at::empty({GH, L.I}, opts));
-    grad_w.push_back(at::empty({GH, P}, opts));
+    grad_w.push_back(alloc({GH, L.I}, opts));
+    grad_w.push_back(alloc({GH, P}, opts));
     if (L.has_biases) {
-      grad_w.push_back(at::empty({GH}, opts));
-      grad_w.push_back(at::empty({GH}, opts));
+      grad_w.push_back(alloc({GH}, opts));
+      grad_w.push_back(alloc({GH}, opts));
     }
-    if (L.has_proj) grad_w.push_back(at::empty({P, H}, opts));
+    if (L.has_proj) grad_w.push_back(alloc({P, H}, opts));
   }
   const int64_t per = static_cast<int64_t>(grad_w.size()) / D;
 
   // Carried gradients (float32). dh_carry/dh_rec: see kernels.h.
-  Tensor dh_carry = at::empty({D, B, P}, f32);
+  Tensor dh_carry = alloc({D, B, P}, f32);
   dh_carry.copy_(grad_hy);
   Tensor dh_rec = at::zeros({D, B, P}, f32);
   Tensor dc;
   if (L.lstm()) {
-    dc = at::empty({D, B, H}, f32);
+    dc = alloc({D, B, H}, f32);
     if (grad_cy.numel() > 0) {
       dc.copy_(grad_cy);
     } else {
@@ -358,15 +359,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_impl(
   const Tensor cx_c = L.lstm() ? cx->contiguous() : Tensor();
 
   // Per-row buffers for the weight-gradient GEMMs after the loop.
-  Tensor dgi = at::empty({N, D * GH}, opts);  // d(gate pre-activations), input side, both directions
+  Tensor dgi = alloc({N, D * GH}, opts);  // d(gate pre-activations), input side, both directions
   std::vector<Tensor> dgh(D), h_prev(D), dh_p(D), h_full(D), dh_full(D);
   for (int64_t d = 0; d < D; ++d) {
-    dgh[d] = L.gru() ? at::empty({N, GH}, opts) : dgi.narrow(1, d * GH, GH);  // recurrent side
-    h_prev[d] = at::empty({N, P}, opts);  // h_{t-1} of every row
+    dgh[d] = L.gru() ? alloc({N, GH}, opts) : dgi.narrow(1, d * GH, GH);  // recurrent side
+    h_prev[d] = alloc({N, P}, opts);  // h_{t-1} of every row
     if (L.has_proj) {
-      dh_p[d] = at::empty({N, P}, opts);     // dh_t (projected h) of every row
-      h_full[d] = at::empty({N, H}, opts);   // o * tanh(c_t) of every row
-      dh_full[d] = at::empty({B, H}, f32);   // dh_t @ W_hr of the current step
+      dh_p[d] = alloc({N, P}, opts);     // dh_t (projected h) of every row
+      h_full[d] = alloc({N, H}, opts);   // o * tanh(c_t) of every row
+      dh_full[d] = alloc({B, H}, f32);   // dh_t @ W_hr of the current step
     }
   }
 

@@ -41,6 +41,18 @@ def step_offsets(batch_sizes: Tensor) -> tuple[list[int], list[int]]:
     return bs, offs
 
 
+def check_batch_sizes(bs: list[int], B: int, N: int) -> None:
+    """The layer op's batch_sizes contract (docs/design.md), as the cpu kernels check it (csrc/common.h). The modules
+    check PackedSequence input with torch.nn's messages in eager mode; under torch.compile those data-dependent
+    checks cannot run at trace time (fusedrnn/modules.py, _packed_batch), so this is where a compiled call with an
+    inconsistent PackedSequence fails rather than reading out of bounds."""
+    if any(b < 0 for b in bs) or any(a < b for a, b in zip(bs, bs[1:])) or (bs and bs[0] != B) \
+            or (B and bs and bs[-1] == 0):
+        raise RuntimeError(f"fusedrnn: batch_sizes should be non-increasing, positive, with batch_sizes[0] == B = {B}")
+    if sum(bs) != N:
+        raise RuntimeError(f"fusedrnn: sum(batch_sizes) = {sum(bs)} but x has {N} rows")
+
+
 def _activate(mode: str, pre: Tensor) -> Tensor:
     return torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)
 
@@ -105,6 +117,7 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
     """See docs/design.md: returns y [N, D*P], hy [D, B, P], cy [D, B, H] or [0], reserve [D, N, R] or [0]."""
     bs, offs = step_offsets(batch_sizes)
     N, D, P = x.shape[0], num_directions, hx.shape[2]
+    check_batch_sizes(bs, hx.shape[1], N)
     groups = split_weights(weights, has_biases, D)
     H = groups[0][1].shape[0] // GATES[mode]
     y = debug.empty((N, D * P), x)  # outputs and workspaces: NaN-filled under FUSEDRNN_DEBUG_NAN=1
