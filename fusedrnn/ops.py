@@ -23,7 +23,6 @@ from .reference import RESERVE_WIDTH, check_batch_sizes
 _CHECKS_BATCH_SIZES = ("cpu", "cuda", "reference")
 
 
-
 def _impl(backend: str, x: Tensor):
     """The backend to run. An empty batch (no rows) has no work for a kernel, and BLAS rejects zero leading
     dimensions: the reference's loop over zero rows gives the exact, empty result for every backend."""
@@ -112,3 +111,135 @@ def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve):
 
 
 rnn_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+# torch.nn.utils.rnn.pack_padded_sequence / pad_packed_sequence cannot run inside a torch.compile(fullgraph=True)
+# function in torch 2.13: torch/nn is on dynamo's skip list (a graph break), and with that lifted
+# (torch._dynamo.dont_skip_tracing) the fake kernel of aten._pack_padded_sequence (torch/_subclasses/fake_impls.py)
+# gives the packed data the shape [T, *] instead of [sum(lengths), *] and batch_sizes the input's dtype, so inductor
+# fails its size assertion and AOT autograd its backward; aten._pad_packed_sequence has no fake kernel at all
+# (pytorch/pytorch#162375). These two do the same through custom ops whose data-dependent sizes (the number of packed
+# rows, the number of steps, the batch size when no index tensor holds it) are run-time values (unbacked SymInts).
+
+@torch.library.custom_op("fusedrnn::pack_padded", mutates_args=())
+def _pack_padded(input: Tensor, lengths: Tensor, batch_first: bool) -> tuple[Tensor, Tensor]:
+    data, batch_sizes = torch.ops.aten._pack_padded_sequence(input, lengths, batch_first)
+    return data, batch_sizes
+
+
+@_pack_padded.register_fake
+def _pack_padded_fake(input, lengths, batch_first):
+    ctx = torch.library.get_ctx()
+    N, T = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return input.new_empty(N, *input.shape[2:]), torch.empty(T, dtype=torch.int64)
+
+
+@torch.library.custom_op("fusedrnn::pack_padded_backward", mutates_args=())
+def _pack_padded_backward(grad: Tensor, input_size: list[int], batch_sizes: Tensor, batch_first: bool) -> Tensor:
+    return torch.ops.aten._pack_padded_sequence_backward(grad, input_size, batch_sizes, batch_first)
+
+
+@_pack_padded_backward.register_fake
+def _pack_padded_backward_fake(grad, input_size, batch_sizes, batch_first):
+    return grad.new_empty(input_size)
+
+
+def _pack_padded_setup(ctx, inputs, output):
+    ctx.input_size, ctx.batch_first = list(inputs[0].shape), inputs[2]
+    ctx.save_for_backward(output[1])
+
+
+def _pack_padded_grad(ctx, grad_data, _grad_batch_sizes):
+    (batch_sizes,) = ctx.saved_tensors
+    return torch.ops.fusedrnn.pack_padded_backward(grad_data.contiguous(), ctx.input_size, batch_sizes,
+                                                   ctx.batch_first), None, None
+
+
+_pack_padded.register_autograd(_pack_padded_grad, setup_context=_pack_padded_setup)
+
+
+@torch.library.custom_op("fusedrnn::pad_packed", mutates_args=())
+def _pad_packed(data: Tensor, batch_sizes: Tensor, batch_first: bool, padding_value: float, total_length: int,
+                batch: int) -> tuple[Tensor, Tensor]:
+    """`batch` is B when the caller knows it (from the index tensors), else -1."""
+    if batch >= 0 and batch_sizes.numel() and batch != int(batch_sizes[0]):
+        raise ValueError(f"PackedSequence.sorted_indices has {batch} elements but batch_sizes[0] is "
+                         f"{int(batch_sizes[0])}")
+    return torch.ops.aten._pad_packed_sequence(data, batch_sizes, batch_first, padding_value, total_length)
+
+
+@_pad_packed.register_fake
+def _pad_packed_fake(data, batch_sizes, batch_first, padding_value, total_length, batch):
+    B = batch if batch >= 0 else torch.library.get_ctx().new_dynamic_size()
+    padded = data.new_empty(total_length, B, *data.shape[1:])  # time-major, transposed for batch_first as ATen's
+    return padded.transpose(0, 1) if batch_first else padded, torch.empty(B, dtype=torch.int64)
+
+
+@torch.library.custom_op("fusedrnn::pad_packed_backward", mutates_args=())
+def _pad_packed_backward(grad: Tensor, batch_sizes: Tensor, batch_first: bool, data_size: list[int]) -> Tensor:
+    """The gradient of the padded output -> that of the packed rows: the rows pad_packed wrote, in packed order."""
+    g = grad.transpose(0, 1) if batch_first else grad
+    mask = torch.arange(g.shape[1]).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]: step t holds rows 0..bs[t]-1
+    return g[:batch_sizes.numel()][mask.to(g.device)].reshape(data_size)
+
+
+@_pad_packed_backward.register_fake
+def _pad_packed_backward_fake(grad, batch_sizes, batch_first, data_size):
+    return grad.new_empty(data_size)
+
+
+def _pad_packed_setup(ctx, inputs, output):
+    ctx.batch_first, ctx.data_size = inputs[2], list(inputs[0].shape)
+    ctx.save_for_backward(inputs[1])
+
+
+def _pad_packed_grad(ctx, grad_padded, _grad_lengths):
+    (batch_sizes,) = ctx.saved_tensors
+    grad = torch.ops.fusedrnn.pad_packed_backward(grad_padded, batch_sizes, ctx.batch_first, ctx.data_size)
+    return grad, None, None, None, None, None
+
+
+_pad_packed.register_autograd(_pad_packed_grad, setup_context=_pad_packed_setup)
+
+
+def pack_padded_sequence(input: Tensor, lengths, batch_first: bool = False, enforce_sorted: bool = True):
+    """torch.nn.utils.rnn.pack_padded_sequence (same arguments, result and errors), which also compiles with
+    torch.compile(fullgraph=True), forward and backward, and with any backend (see above for why torch's does not)."""
+    from torch.nn.utils.rnn import PackedSequence
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
+    else:
+        lengths = lengths.to(dtype=torch.int64)
+    sorted_indices = None
+    if not enforce_sorted:
+        lengths, sorted_indices = torch.sort(lengths, descending=True)
+        sorted_indices = sorted_indices.to(input.device)
+        input = input.index_select(0 if batch_first else 1, sorted_indices)
+    data, batch_sizes = torch.ops.fusedrnn.pack_padded(input, lengths, batch_first)
+    return PackedSequence(data, batch_sizes, sorted_indices, None)
+
+
+def pad_packed_sequence(sequence, batch_first: bool = False, padding_value: float = 0.0,
+                        total_length: Optional[int] = None):
+    """torch.nn.utils.rnn.pad_packed_sequence (same arguments, result and errors), which also compiles with
+    torch.compile(fullgraph=True), forward and backward (see above for why torch's does not)."""
+    max_seq_length = sequence.batch_sizes.size(0)
+    if total_length is not None:
+        if torch.compiler.is_compiling():  # the number of steps may be a run-time size: a run-time check
+            torch._check(total_length >= max_seq_length, lambda: "Expected total_length to be at least the length "
+                         "of the longest sequence in input")
+        elif total_length < max_seq_length:
+            raise ValueError("Expected total_length to be at least the length of the longest sequence in input, but "
+                             f"got total_length={total_length} and max sequence length being {max_seq_length}")
+        max_seq_length = total_length
+    idx = sequence.sorted_indices if sequence.sorted_indices is not None else sequence.unsorted_indices
+    if not isinstance(padding_value, float):  # (float() of a float would make dynamo restart its analysis)
+        padding_value = float(padding_value)
+    padded, lengths = torch.ops.fusedrnn.pad_packed(sequence.data, sequence.batch_sizes, batch_first, padding_value,
+                                                    max_seq_length, idx.size(0) if idx is not None else -1)
+    if sequence.unsorted_indices is not None:
+        batch_dim = 0 if batch_first else 1
+        return (padded.index_select(batch_dim, sequence.unsorted_indices),
+                lengths[sequence.unsorted_indices.cpu()])
+    return padded, lengths

@@ -113,6 +113,30 @@ def test_backward_without_saved_reserve_is_a_clear_error():
                                               "reference")
 
 
+def _packing_op_args():
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 4, 1])
+    data, bs = torch.ops.fusedrnn.pack_padded(x, lengths, False)
+    d = data.detach().requires_grad_()
+    return [(torch.ops.fusedrnn.pack_padded.default, (x, lengths, False)),
+            (torch.ops.fusedrnn.pack_padded.default, (x.detach().transpose(0, 1).contiguous().requires_grad_(),
+                                                      lengths, True)),
+            (torch.ops.fusedrnn.pack_padded_backward.default, (torch.randn(11, 4, dtype=torch.float64), [6, 3, 4],
+                                                               bs, False)),
+            (torch.ops.fusedrnn.pad_packed.default, (d, bs, False, 0.0, 7, 3)),
+            (torch.ops.fusedrnn.pad_packed.default, (d, bs, True, -1.0, 6, -1)),  # B unknown to the caller
+            (torch.ops.fusedrnn.pad_packed_backward.default, (torch.randn(7, 3, 4, dtype=torch.float64), bs, False,
+                                                              [11, 4]))]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_opcheck_packing_ops(case):
+    """The packing ops behind fusedrnn.ops.pack_padded_sequence / pad_packed_sequence (fake kernels with run-time
+    sizes, autograd)."""
+    op, args = _packing_op_args()[case]
+    torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize("backend", fusedrnn.available_backends())
 def test_layer_op_rejects_inconsistent_batch_sizes(backend):
     """Every backend's forward rejects batch_sizes that do not fit hx (B) and x (N) (the cpu and cuda kernels and the
