@@ -84,6 +84,28 @@ def _check_packed_indices(sorted_indices, unsorted_indices, B: int) -> None:
         raise ValueError("PackedSequence.unsorted_indices must be the inverse permutation of sorted_indices")
 
 
+def _packed_batch(batch_sizes: Tensor, sorted_indices, unsorted_indices, hx):
+    """B = batch_sizes[0], the batch size of a PackedSequence, as a Python int (a SymInt when compiling).
+
+    Eager mode reads it from batch_sizes (already validated by _check_packed), as torch.nn does. Under torch.compile
+    that read is data-dependent: a graph break, or with fullgraph=True (which makes dynamo capture Tensor.item()) a
+    run-time size that no shape check can be proven against. So B comes from a shape the tracer knows instead: the
+    index tensors, which are [B] (pack_padded_sequence with enforce_sorted=False and pack_sequence always set them),
+    else the given hx [L*D, B, P]. Only with neither (sorted input packed with enforce_sorted=True and no hx) is B
+    read from batch_sizes, once, so that every state shares the one run-time size. The checks that batch_sizes[0]
+    really is that B are data-dependent too: under compile they run at run time in the layer op (the cpu kernels'
+    and the reference backend's batch_sizes checks), not in _check_packed / _check_packed_indices.
+    """
+    if torch.compiler.is_compiling():
+        for idx in (sorted_indices, unsorted_indices):
+            if idx is not None:
+                return idx.size(0)
+        h = hx[0] if isinstance(hx, (tuple, list)) else hx
+        if isinstance(h, Tensor) and h.dim() == 3:
+            return h.size(1)
+    return int(batch_sizes[0])
+
+
 def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -139,6 +161,19 @@ class _FusedRNNBase(nn.RNNBase):
             y, hy, cy = y.to(out_dt[0]), hy.to(out_dt[0]), (cy.to(out_dt[1]) if cy is not None else None)
         return y, hy, cy
 
+    def _check_forward_args(self, input: Tensor, hx, batch_sizes: Tensor | None, B: int) -> None:
+        """torch.nn's check_forward_args (nn.RNNBase's, nn.LSTM's for an LSTM): the same checks, order and messages,
+        with the batch size B given rather than read from batch_sizes[0] (see _packed_batch)."""
+        self.check_input(input, batch_sizes)
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if self.mode == "LSTM":
+            self.check_hidden_size(hx[0], (self.num_layers * D, B, P), "Expected hidden[0] size {}, got {}")
+            self.check_hidden_size(hx[1], (self.num_layers * D, B, self.hidden_size),
+                                   "Expected hidden[1] size {}, got {}")
+        else:
+            self.check_hidden_size(hx, (self.num_layers * D, B, P))
+
     def _forward(self, input, hx):
         """Shared forward; hx is a Tensor (GRU/RNN) or a (h, c) pair (LSTM), already validated and batched."""
         raise NotImplementedError
@@ -152,7 +187,8 @@ class _FusedRNNBase(nn.RNNBase):
         if isinstance(input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
             _check_packed(input, batch_sizes)
-            _check_packed_indices(sorted_indices, unsorted_indices, int(batch_sizes[0]))
+            B = _packed_batch(batch_sizes, sorted_indices, unsorted_indices, hx)
+            _check_packed_indices(sorted_indices, unsorted_indices, B)
             is_batched, batch_dim = True, 0
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
@@ -175,8 +211,8 @@ class _FusedRNNBase(nn.RNNBase):
                                        f"{hs[0].dim()}-D tensor")
                 if not is_batched:
                     hx = tuple(h.unsqueeze(1) for h in hs) if is_lstm else hx.unsqueeze(1)
+            B = input.size(0 if self.batch_first else 1)
         if hx is None:
-            B = int(batch_sizes[0]) if batch_sizes is not None else input.size(0 if self.batch_first else 1)
             h = torch.zeros(self.num_layers * D, B, P, dtype=input.dtype, device=input.device)
             if is_lstm:
                 hx = (h, torch.zeros(self.num_layers * D, B, self.hidden_size, dtype=input.dtype,
@@ -186,10 +222,7 @@ class _FusedRNNBase(nn.RNNBase):
             hx_given = False
         else:
             hx_given = True
-        if is_lstm:
-            self.check_forward_args(input, hx, batch_sizes)
-        else:
-            self.check_forward_args(input, hx, batch_sizes)
+        self._check_forward_args(input, hx, batch_sizes, B)
         if hx_given:
             hx = self.permute_hidden(hx, sorted_indices)
         return input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim

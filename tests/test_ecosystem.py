@@ -176,21 +176,210 @@ def test_compile_mark_dynamic_no_recompile_across_T_and_B(kind):
             torch.testing.assert_close(a, b)
 
 
-def test_compile_packed_input_no_recompile_across_lengths():
-    """Packed input compiles and is not recompiled for new lengths or batch sizes. It is not one full graph: the
-    shape checks and the zero initial state need B = batch_sizes[0] as a Python int (a data-dependent .item(), the
-    same code as torch.nn's check_forward_args), which breaks the graph there."""
-    torch.manual_seed(0)
-    model = fusedrnn.LSTM(4, 5, bidirectional=True, backend="reference")
-    inputs = []
-    for lengths in ([6, 4, 1], [3, 3, 2, 2], [8, 2], [5, 5, 5, 5, 5]):
-        x = torch.randn(max(lengths), len(lengths), 4)
-        inputs.append((pack_padded_sequence(x, lengths),))
-    frames, outs = _frames(model, inputs, fullgraph=False, dynamic=True)
+class _PackedModel(nn.Module):
+    """A recurrent layer fed a PackedSequence: a head on the last layer's final states, and the outputs padded back
+    with fusedrnn.ops.pad_packed_sequence (torch's does not compile: fusedrnn/ops.py, packing)."""
+
+    def __init__(self, kind, **kw):
+        super().__init__()
+        self.rnn = getattr(fusedrnn, kind)(4, 5, **kw)
+        self.D = 2 if self.rnn.bidirectional else 1
+        self.head = nn.Linear(self.D * (self.rnn.proj_size or 5), 3)
+
+    def forward(self, p, hx=None):
+        out, h = self.rnn(p, hx)
+        hs = h[0] if isinstance(h, tuple) else h
+        last = torch.cat(list(hs[-self.D:]), -1)  # [B, D*P], in the input's (unsorted) order
+        padded, lengths = fusedrnn.ops.pad_packed_sequence(out, batch_first=True)
+        return self.head(last), padded, h[1] if isinstance(h, tuple) else hs
+
+
+def _pack_inside(model, enforce_sorted):
+    """fn(x, lengths, *hx): packs inside the compiled function, as a model fed padded batches does."""
+    def fn(x, lengths, *hx):
+        p = fusedrnn.ops.pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        return model(p, *hx)
+    return fn
+
+
+def _packed_args(enforce_sorted, hx_shapes=(), seed=0):
+    """(x [T, B, 4], lengths, *hx) for three length patterns with different T and B."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths in ([6, 4, 1], [3, 5, 5, 2], [2, 7]):
+        if enforce_sorted:
+            lengths = sorted(lengths, reverse=True)
+        B = len(lengths)
+        hx = [torch.randn(L, B, H, generator=g, dtype=torch.float64) for L, H in hx_shapes]
+        out.append((torch.randn(max(lengths), B, 4, generator=g, dtype=torch.float64), torch.tensor(lengths), *hx))
+    return out
+
+
+def _outputs_and_grads(fn, args, params):
+    leaves = [a.detach().clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    outs = fn(*leaves)
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, [a for a in leaves if a.requires_grad] + params))
+
+
+def _check_compiled_packed(fn, args_list, params, **compile_kw):
+    """fn compiled with fullgraph=True (any graph break raises) and dynamic shapes: outputs and the gradients of the
+    inputs and `params` as eager for every args, and no recompilation after the first."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(compile_kw.pop("backend", "aot_eager"))
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter, **compile_kw)
+    frames = []
+    for args in args_list:
+        want = _outputs_and_grads(fn, args, params)
+        got = _outputs_and_grads(compiled, args, params)
+        frames.append(counter.frame_count)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # one graph for every length pattern and batch size (a restart of dynamo's analysis may count twice)
     assert frames[0] >= 1 and len(set(frames)) == 1, frames
-    for (p,), out in zip(inputs, outs):
-        for a, b in zip(flatten_out(out), flatten_out(model(p))):
-            torch.testing.assert_close(a, b)
+
+
+def _fused_backend():
+    return "cpu" if "cpu" in fusedrnn.available_backends() else "reference"
+
+
+PACKED_COMPILE_CASES = [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=2)),
+                        ("GRU", dict(bidirectional=True)), ("RNN", dict(nonlinearity="relu", num_layers=2))]
+PACKED_IDS = [f"{k}-{'-'.join(kw)}" for k, kw in PACKED_COMPILE_CASES]
+
+
+@pytest.mark.parametrize("where", ["packed_inside", "packed_argument"])
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("kind,kw", PACKED_COMPILE_CASES, ids=PACKED_IDS)
+def test_compile_packed_input_fullgraph_matches_eager(kind, kw, enforce_sorted, where):
+    """PackedSequence input under fullgraph=True, packed inside the compiled function (fusedrnn.ops's packing) or
+    passed in (torch's packing, outside), with index tensors (enforce_sorted=False) or without (the batch size is then
+    a run-time value): outputs and gradients as eager, no recompiles across lengths and batch sizes."""
+    torch.manual_seed(0)
+    model = _PackedModel(kind, backend=_fused_backend(), **kw).double()
+    if where == "packed_inside":
+        fn = _pack_inside(model, enforce_sorted)
+    else:
+        def fn(x, lengths):  # only the model is compiled; the packing runs in eager
+            return compiled_model(pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted))
+        from torch._dynamo.testing import CompileCounterWithBackend
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled_model = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
+        frames = []
+        for args in _packed_args(enforce_sorted):
+            want = _outputs_and_grads(_pack_inside(model, enforce_sorted), args, list(model.parameters()))
+            got = _outputs_and_grads(fn, args, list(model.parameters()))
+            frames.append(counter.frame_count)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert frames[0] >= 1 and len(set(frames)) == 1, frames
+        return
+    _check_compiled_packed(fn, _packed_args(enforce_sorted), list(model.parameters()))
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_compile_packed_input_with_hx_fullgraph(kind, enforce_sorted):
+    """With an initial state (given in the input's order, permuted as torch.nn does): gradients reach hx too."""
+    torch.manual_seed(0)
+    model = _PackedModel(kind, bidirectional=True, backend=_fused_backend()).double()
+    inner = _pack_inside(model, enforce_sorted)
+
+    def fn(x, lengths, h0, c0=None):
+        return inner(x, lengths, (h0, c0) if kind == "LSTM" else h0)
+    shapes = [(2, 5), (2, 5)] if kind == "LSTM" else [(2, 5)]
+    _check_compiled_packed(fn, _packed_args(enforce_sorted, shapes), list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_compile_packed_input_graph_breaks_without_fullgraph(kind):
+    """fullgraph=True makes dynamo capture Tensor.item() and ops with data-dependent output sizes; without it each is a
+    graph break. The modules need neither when the PackedSequence has index tensors or hx is given: no break. A
+    sorted sequence without hx reads B = batch_sizes[0] (a break), and packing inside the compiled function is an op
+    whose output sizes depend on the lengths (a break; fusedrnn/ops.py, packing)."""
+    model = getattr(fusedrnn, kind)(4, 5, bidirectional=True, backend=_fused_backend()).double()
+    (x, lengths), = _packed_args(False)[:1]
+    (xs, lengths_sorted), = _packed_args(True)[:1]
+    h0 = torch.zeros(2, 3, 5, dtype=torch.float64)
+    hx = (h0, h0) if kind == "LSTM" else h0
+    cases = [(model, (pack_padded_sequence(x, lengths, enforce_sorted=False),), 0),
+             (model, (pack_padded_sequence(xs, lengths_sorted), hx), 0),
+             (model, (pack_padded_sequence(xs, lengths_sorted),), "Tensor.item()"),
+             (_pack_inside(model, False), (x, lengths), "Dynamic shape operator")]
+    for fn, args, breaks in cases:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*args)
+        reasons = [b.reason for b in explained.break_reasons]
+        if breaks == 0:
+            assert explained.graph_break_count == 0, reasons
+        else:
+            assert explained.graph_break_count >= 1 and all(breaks in r for r in reasons), reasons
+
+
+def test_compiled_pad_total_length_is_checked_at_run_time():
+    model = fusedrnn.GRU(4, 5, backend=_fused_backend()).double()
+
+    def fn(x, lengths):
+        out, _ = model(fusedrnn.ops.pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return fusedrnn.ops.pad_packed_sequence(out, batch_first=True, total_length=8)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    x, lengths = torch.randn(6, 3, 4, dtype=torch.float64), torch.tensor([6, 4, 1])
+    torch.testing.assert_close(compiled(x, lengths), fn(x, lengths), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Expected total_length to be at least"):
+        compiled(torch.randn(9, 3, 4, dtype=torch.float64), torch.tensor([9, 4, 1]))
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+def test_compile_packed_input_inductor(enforce_sorted):
+    """The same with the default backend (inductor generates code around the ops, with unbacked sizes)."""
+    torch.manual_seed(0)
+    model = _PackedModel("LSTM", bidirectional=True, backend=_fused_backend()).double()
+    _check_compiled_packed(_pack_inside(model, enforce_sorted), _packed_args(enforce_sorted)[:2],
+                           list(model.parameters()), backend="inductor")
+
+
+def test_compiled_inconsistent_packed_sequence_fails_at_run_time():
+    """Under compile the data-dependent PackedSequence checks cannot run at trace time; the layer op's own
+    batch_sizes check still rejects a hand-built sequence whose index tensors do not match batch_sizes[0]."""
+    p = pack_padded_sequence(torch.randn(3, 2, 4, dtype=torch.float64), [3, 1], enforce_sorted=False)
+    bad = type(p)(p.data, p.batch_sizes, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))  # B 3, batch_sizes[0] 2
+    for backend in fusedrnn.available_backends():
+        if backend == "triton":
+            continue
+        model = fusedrnn.GRU(4, 5, backend=backend).double()
+        with pytest.raises(ValueError, match="sorted_indices must be a 1-D int64 tensor of length batch_sizes"):
+            model(bad)  # eager: the module's own check, before any op runs
+        torch._dynamo.reset()
+        with pytest.raises(RuntimeError, match=r"batch_sizes\[0\] == B = 3"):
+            torch.compile(model, fullgraph=True, backend="aot_eager")(bad)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+def test_packing_helpers_match_torch(enforce_sorted, batch_first):
+    """fusedrnn.ops.pack_padded_sequence / pad_packed_sequence: torch's results, gradients and errors, in eager."""
+    from torch.nn.utils.rnn import pad_packed_sequence
+    lengths = [6, 4, 1] if enforce_sorted else [4, 6, 1]
+    x = torch.randn(3, 6, 2, 4, dtype=torch.float64) if batch_first else torch.randn(6, 3, 2, 4, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ours = fusedrnn.ops.pack_padded_sequence(xs[0], lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+    ref = pack_padded_sequence(xs[1], lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+    for a, b in zip(ours, ref):
+        assert (a is None and b is None) or torch.equal(a, b)
+    po, lo = fusedrnn.ops.pad_packed_sequence(ours, batch_first=batch_first, padding_value=-1, total_length=8)
+    pr, lr = pad_packed_sequence(ref, batch_first=batch_first, padding_value=-1, total_length=8)
+    assert torch.equal(po, pr) and torch.equal(lo, lr) and lo.dtype == lr.dtype
+    w = torch.randn_like(pr)
+    assert torch.equal(*(torch.autograd.grad((p * w).sum(), x_)[0] for p, x_ in ((po, xs[0]), (pr, xs[1]))))
+    with pytest.raises(ValueError, match="Expected total_length to be at least"):
+        fusedrnn.ops.pad_packed_sequence(ours, total_length=5)
+    if enforce_sorted:
+        with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):
+            fusedrnn.ops.pack_padded_sequence(x, [1, 4, 6], batch_first=batch_first)
 
 
 # ---------------------------------------------------------------------------------------------------- autocast
