@@ -137,8 +137,8 @@ def test_matches_reference(mode, case, dtype, capability):
                                        ("lstm", (2, 10, [5, 5, 4, 4, 3, 3, 2, 2, 1, 1], 5)),
                                        ("gru", (2, 19, None, 0)), ("rnn_tanh", (1, 3, [4, 2, 2], 0))])
 def test_both_time_loops(mode, case, loop, monkeypatch):
-    """Each shape through both loops: persistent (thread slices; matrix-vector below batch 4, packed W_hh panels in
-    row blocks of 6 from 4) and GEMM per step."""
+    """Each shape through both loops: persistent (thread slices, packed W_hh panels in row blocks of 6) and GEMM
+    per step."""
     monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
     D, B, lengths, proj = case
     args, grads = make_case(mode, D, B, lengths, I=7, H=40, proj=proj, dtype=torch.float64)

@@ -408,6 +408,31 @@ inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64
   }
 }
 
+// One batch row: the k loop split in even and odd halves so four accumulator chains hide the FMA latency.
+template <typename T>
+inline void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
+  int64_t k = 0;
+  for (; k + 1 < K; k += 2) {
+    const Vec<T> h0(h[k]), h1(h[k + 1]);
+    a0 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), h0, a0);
+    a1 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), h0, a1);
+    b0 = at::vec::fmadd(Vec<T>::loadu(Wp + (k + 1) * 2 * V), h1, b0);
+    b1 = at::vec::fmadd(Vec<T>::loadu(Wp + (k + 1) * 2 * V + V), h1, b1);
+  }
+  if (k < K) {
+    const Vec<T> h0(h[k]);
+    a0 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), h0, a0);
+    a1 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), h0, a1);
+  }
+  a0 = a0 + b0;
+  a1 = a1 + b1;
+  const int64_t n0 = std::min(V, n), n1 = n - n0;
+  st(accumulate ? a0 + ld(out, n0) : a0, out, n0);
+  if (n1 > 0) st(accumulate ? a1 + ld(out + V, n1) : a1, out + V, n1);
+}
+
 template <typename T>
 void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
                 bool accumulate) {
@@ -417,7 +442,7 @@ void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t 
     for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
     T* o = out + j0 * ldo;
     switch (nb) {
-      case 1: panel_block<T, 1>(Wp, K, h, o, ldo, n, accumulate); break;
+      case 1: panel_row<T>(Wp, K, h[0], o, n, accumulate); break;
       case 2: panel_block<T, 2>(Wp, K, h, o, ldo, n, accumulate); break;
       case 3: panel_block<T, 3>(Wp, K, h, o, ldo, n, accumulate); break;
       case 4: panel_block<T, 4>(Wp, K, h, o, ldo, n, accumulate); break;
