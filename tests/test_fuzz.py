@@ -10,6 +10,7 @@ A failure prints the shrunk case, the constructor call and a line that reruns it
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import _hypothesis_profiles  # noqa: F401  (registers and loads the profile)
@@ -131,10 +132,11 @@ def run_case(case: Case, backends=None) -> None:
     o_ref, g_ref = outputs_and_grads(ref_ours, _factory(case, x, torch.float64), hx)
     assert_close_all(o_ref, o_nn, torch.float64, "reference float64 vs torch.nn outputs")
     assert_close_all(g_ref, g_nn, torch.float64, "reference float64 vs torch.nn grads")
-    same_dtype_nn = None
+    same_dtype_nn = torch_levels = None
     if dtype != torch.float64:  # torch.nn's own error in this dtype, for tensors that cancel (see _assert_close)
         nn_lp = _modules(case, "reference")[0].to(dtype)
         same_dtype_nn = outputs_and_grads(nn_lp, _factory(case, x, dtype), _cast_hx(hx, dtype))
+        torch_levels = _TorchErrorLevels(case, x, hx, dtype, same_dtype_nn, (o_nn, g_nn))
     for backend in backends:
         if backend == "reference" and dtype == torch.float64:
             continue  # just checked
@@ -142,24 +144,72 @@ def run_case(case: Case, backends=None) -> None:
         o, g = outputs_and_grads(ours, _factory(case, x, dtype), _cast_hx(hx, dtype))
         for oracle, (oo, go) in (("torch.nn", (o_nn, g_nn)), ("reference", (o_ref, g_ref))):
             what = f"{backend} {case.dtype} vs {oracle} float64"
-            _assert_close(o, oo, dtype, same_dtype_nn and same_dtype_nn[0], what + " outputs")
-            _assert_close(g, go, dtype, same_dtype_nn and same_dtype_nn[1], what + " grads")
+            _assert_close(o, oo, dtype, same_dtype_nn and same_dtype_nn[0], what + " outputs",
+                          torch_levels and (lambda: torch_levels.get()[0]))
+            _assert_close(g, go, dtype, same_dtype_nn and same_dtype_nn[1], what + " grads",
+                          torch_levels and (lambda: torch_levels.get()[1]))
 
 
-def _assert_close(ours, ref64, dtype, torch_same_dtype, what):
+class _TorchErrorLevels:
+    """torch.nn's relative error in a low-precision dtype (rel_err against float64) for every output and gradient,
+    as a level rather than one sample: the largest over the case itself and NEIGHBOURS neighbouring cases (x, hx and
+    every parameter multiplied elementwise by 1 + d, d uniform in [-eps, eps], each run in float64 and in the dtype).
+    Computed on first use (get()) only: the rule needs it only where the one-sample bound is exceeded."""
+    NEIGHBOURS = 8
+
+    def __init__(self, case, x, hx, dtype, torch_lp, torch64):
+        self.case, self.x, self.hx, self.dtype = case, x, hx, dtype
+        self._levels = [[rel_err(t, r) for t, r in zip(ts, rs)] for ts, rs in zip(torch_lp, torch64)]
+        self._done = False
+
+    def get(self):
+        if not self._done:
+            gen = torch.Generator().manual_seed(self.case.seed + 7)
+            eps = torch.finfo(self.dtype).eps
+
+            def perturb(t):
+                return t * (1 + (2 * torch.rand(t.shape, generator=gen, dtype=torch.float64) - 1) * eps)
+            for _ in range(self.NEIGHBOURS):
+                m64 = _modules(dataclasses.replace(self.case, dtype="float64"), "reference")[0]
+                with torch.no_grad():
+                    for p in m64.parameters():
+                        p.copy_(perturb(p))
+                m_lp = copy.deepcopy(m64).to(self.dtype)
+                x = perturb(self.x)
+                hx = self.hx if self.hx is None else \
+                    tuple(perturb(h) for h in self.hx) if isinstance(self.hx, tuple) else perturb(self.hx)
+                exact = outputs_and_grads(m64, _factory(self.case, x, torch.float64), hx)
+                lp = outputs_and_grads(m_lp, _factory(self.case, x, self.dtype), _cast_hx(hx, self.dtype))
+                for lv, ts, rs in zip(self._levels, lp, exact):
+                    lv[:] = [max(v, rel_err(t, r)) for v, t, r in zip(lv, ts, rs)]
+            self._done = True
+        return self._levels
+
+
+def _assert_close(ours, ref64, dtype, torch_same_dtype, what, torch_levels=None):
     """float64: TOLERANCE[float64]. Lower precision: TOLERANCE[dtype], or, for a tensor whose values cancel (a GRU
     output (1 - z) n with z ~ 1, a sum of large terms of both signs) so that torch.nn itself misses that bound in the
-    same dtype, at most 2x torch.nn's own error plus a few ulps (the flash-attention rule of tests/conftest.py)."""
+    same dtype, at most 2x torch.nn's own error plus a few ulps (the flash-attention rule of tests/conftest.py).
+
+    torch.nn's error on the case is one sample of rounding noise, and on a tensor that cancels one sample is a
+    lottery: in the release fuzz finding, dW_hh of the last layer's reverse direction is a sum of terms of total size
+    1.40 that cancel to 0.00576 (condition 244, one float32 ulp of the terms is 2.9e-5 of the result); torch.nn landed
+    0.6 ulp of the terms off, the reference 0.5, the cpu kernels 1.4, and on neighbouring inputs torch.nn itself lands
+    up to 2 ulps off. So where a tensor exceeds 2x torch.nn's error on the case, the bound is 2x torch.nn's error level
+    (`torch_levels()`, the largest over the case and its neighbours, see _TorchErrorLevels) plus a few ulps instead."""
     if torch_same_dtype is None:
         return assert_close_all(ours, ref64, dtype, what)
     assert len(ours) == len(ref64) == len(torch_same_dtype), what
+    eps = torch.finfo(dtype).eps
     for i, (a, r, t) in enumerate(zip(ours, ref64, torch_same_dtype)):
         assert a.shape == r.shape, f"{what}[{i}]: shape {tuple(a.shape)} vs {tuple(r.shape)}"
         assert not torch.isnan(a).any() or torch.isnan(r).any(), f"{what}[{i}]: NaN in ours only"
-        err = rel_err(a, r)
-        bound = max(TOLERANCE[dtype], 2 * rel_err(t, r) + 4 * torch.finfo(dtype).eps)
+        err, e_torch, where = rel_err(a, r), rel_err(t, r), "on the case"
+        if err > max(TOLERANCE[dtype], 2 * e_torch + 4 * eps) and torch_levels is not None:
+            e_torch, where = torch_levels()[i], f"at most, on the case and {_TorchErrorLevels.NEIGHBOURS} neighbours"
+        bound = max(TOLERANCE[dtype], 2 * e_torch + 4 * eps)
         assert err <= bound, f"{what}[{i}]: relative error {err:.3g} > {bound:.3g} (torch.nn {dtype}: " \
-                             f"{rel_err(t, r):.3g})"
+                             f"{e_torch:.3g} {where})"
 
 
 def _note(case: Case) -> None:
@@ -234,3 +284,32 @@ def test_repro_line_round_trips():
     assert eval(repr(case)) == case  # noqa: S307 - our own repr
     run_case(case)
     assert "proj_size=2" in case.ctor_repr("reference")
+
+
+FINDING = Case(kind="RNN", I=5, H=1, layers=3, bidirectional=True, bias=False, batch_first=True, inp="padded", T=4,
+               B=3, dtype="float32", scale=0.5, seed=3)  # the release-profile finding of _assert_close's docstring
+
+
+def test_low_precision_rule_excuses_rounding_noise_only():
+    """On the finding: the float32 gradients of every backend pass (the cpu kernels' dW_hh of the last reverse
+    direction, 1.4 ulps of its terms off, was 2.4x torch.nn's error on the case and failed the one-sample rule); the
+    same gradients fail when that tensor's error is 3x torch.nn's error level, or when a tensor that does not cancel is
+    off by 2x TOLERANCE (its level is a few ulps, so the noise rule adds nothing there)."""
+    import pytest
+    dtype, i_cancel, i_plain = torch.float32, 12, 1  # grads: x, then the parameters; 12 is weight_hh_l2_reverse
+    x, hx = _data(FINDING)
+    nn64 = _modules(dataclasses.replace(FINDING, dtype="float64"), "reference")[0]
+    o64, g64 = outputs_and_grads(nn64, _factory(FINDING, x, torch.float64), hx)
+    nn_lp = _modules(FINDING, "reference")[0].to(dtype)
+    o_t, g_t = outputs_and_grads(nn_lp, _factory(FINDING, x, dtype), hx)
+    levels = _TorchErrorLevels(FINDING, x, hx, dtype, (o_t, g_t), (o64, g64))
+    assert g64[i_cancel].abs().max() < 0.01 * max(g.abs().max() for g in g64)  # small: its terms cancel
+    assert levels.get()[1][i_plain] < TOLERANCE[dtype] / 20
+    for backend in conformance_backends(dtype=dtype):
+        g = outputs_and_grads(_modules(FINDING, backend)[1], _factory(FINDING, x, dtype), hx)[1]
+        _assert_close(g, g64, dtype, g_t, backend, lambda: levels.get()[1])
+    for i, err in ((i_cancel, 3 * levels.get()[1][i_cancel]), (i_plain, 2 * TOLERANCE[dtype])):
+        bad = [t.clone() for t in g_t]
+        bad[i] = (g64[i] * (1 + err)).to(dtype)
+        with pytest.raises(AssertionError, match=rf"\[{i}\]: relative error"):
+            _assert_close(bad, g64, dtype, g_t, "inflated", lambda: levels.get()[1])
