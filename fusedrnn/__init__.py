@@ -33,6 +33,7 @@ from . import reference as _reference  # noqa: F401,E402  (always registered)
 from .backends import available_backends  # noqa: E402
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
+from .ops import pack_padded_sequence, pad_packed_sequence  # noqa: E402  (compile-friendly torch.nn.utils.rnn twins)
 
 
 def _load_optional_backends() -> None:
@@ -49,4 +50,5 @@ def _load_optional_backends() -> None:
 
 _load_optional_backends()
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "available_backends", "convert", "__version__"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "available_backends", "convert",
+           "pack_padded_sequence", "pad_packed_sequence", "__version__"]

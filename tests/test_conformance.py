@@ -102,11 +102,9 @@ def test_float32_against_float64(backend, kind, kw):
 
 
 
-_BASELINE_XFAIL = pytest.mark.xfail(strict=True, reason="csrc/cpu/kernels_impl.h computes one - h * h; the compiler "
-                                    "fuses it into an fma in the AVX2 build only (fix: (one - h) * (one + h))")
 TANH_CASES = [pytest.param(b, "auto", id=b) for b in conformance_backends(dtype=torch.float32)]
 if "cpu" in conformance_backends(dtype=torch.float32):
-    TANH_CASES.append(pytest.param("cpu", "default", id="cpu-baseline-build", marks=_BASELINE_XFAIL))
+    TANH_CASES.append(pytest.param("cpu", "default", id="cpu-baseline-build"))
 
 
 @pytest.mark.parametrize("backend,capability", TANH_CASES)
