@@ -3,9 +3,9 @@
 
     pip install --no-build-isolation -e .        # MAX_JOBS=N caps the parallel compile jobs (ninja)
 
-The CPU kernels (csrc/cpu/kernels_impl.h) are compiled twice: once with the compiler's baseline flags and once with
-AVX2+FMA (x86-64 only); the driver picks one at run time from at::get_cpu_capability(), so the wheel runs on CPUs
-without AVX2. Nothing is downloaded here.
+The CPU kernels (csrc/cpu/kernels_impl.h) are compiled three times: with the compiler's baseline flags, with AVX2+FMA
+and with AVX-512 (the last two x86-64 only); the driver picks one at run time from at::get_cpu_capability(), as ATen
+does for its own kernels, so the wheel runs on any CPU of the architecture. Nothing is downloaded here.
 """
 import os
 import platform
@@ -19,9 +19,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-# Only csrc/cpu/kernels_avx2.cpp gets these (see FusedrnnBuild); everything else stays baseline.
-AVX2_SOURCES = ["csrc/cpu/kernels_avx2.cpp"]
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+# Per-file instruction-set flags (see FusedrnnBuild); everything else stays baseline. The AVX-512 set is ATen's own.
+ISA_SOURCES = {
+    "avx2": (["csrc/cpu/kernels_avx2.cpp"], ["-mavx2", "-mfma", "-mf16c"]),
+    "avx512": (["csrc/cpu/kernels_avx512.cpp"], ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                                                 "-mf16c"]),
+}
 
 
 def _version() -> str:
@@ -35,8 +38,8 @@ def _version() -> str:
 
 def _cpu_extension():
     sources = ["csrc/fusedrnn.cpp", "csrc/cpu/layer.cpp", "csrc/cpu/kernels_default.cpp"]
-    if not IS_X86:
-        sources += AVX2_SOURCES  # compiled without AVX2 flags it provides no kernels (nullptr table)
+    if not IS_X86:  # compiled without their flags they provide no kernels (nullptr tables)
+        sources += [src for srcs, _ in ISA_SOURCES.values() for src in srcs]
     return CppExtension(
         name="fusedrnn._C",
         sources=sources,
@@ -129,20 +132,22 @@ def _cuda_extensions():
 
 
 class FusedrnnBuild(BuildExtension):
-    """BuildExtension plus the per-file AVX2 flags: the AVX2 kernel sources are compiled (through the same ninja
-    path, MAX_JOBS honoured) with AVX2_FLAGS into their own objects, which are then linked into fusedrnn._C."""
+    """BuildExtension plus the per-file instruction-set flags: each ISA_SOURCES group is compiled (through the same
+    ninja path, MAX_JOBS honoured) with its flags into its own objects, which are then linked into fusedrnn._C."""
 
     def build_extension(self, ext):
         if ext.name == "fusedrnn._C" and IS_X86:
             cflags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
-            objects = self.compiler.compile(
-                AVX2_SOURCES,
-                output_dir=os.path.join(self.build_temp, "avx2"),
-                include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": list(cflags) + AVX2_FLAGS} if self.use_ninja else list(cflags) + AVX2_FLAGS,
-                depends=ext.depends,
-            )
-            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in objects] + objects
+            extra = []
+            for isa, (srcs, flags) in ISA_SOURCES.items():
+                extra += self.compiler.compile(
+                    srcs,
+                    output_dir=os.path.join(self.build_temp, isa),
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": list(cflags) + flags} if self.use_ninja else list(cflags) + flags,
+                    depends=ext.depends,
+                )
+            ext.extra_objects = [o for o in (ext.extra_objects or []) if o not in extra] + extra
         super().build_extension(ext)
 
 

@@ -49,20 +49,25 @@ static PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
   const char* s = PyUnicode_AsUTF8(arg);
   if (!s) return nullptr;
   const std::string name(s);
+  using fusedrnn::cpu::Capability;
   if (name.empty() || name == "auto") {
     fusedrnn::cpu::force_capability(-1);
-  } else if (name == "default") {
-    fusedrnn::cpu::force_capability(0);
-  } else if (name == "avx2") {
-    if (!fusedrnn::cpu::avx2_available()) {
-      PyErr_SetString(PyExc_RuntimeError, "fusedrnn: the AVX2 kernels are not built or this CPU lacks AVX2");
-      return nullptr;
-    }
-    fusedrnn::cpu::force_capability(1);
-  } else {
-    PyErr_SetString(PyExc_ValueError, "fusedrnn: capability should be 'auto', 'default' or 'avx2'");
+    Py_RETURN_NONE;
+  }
+  const Capability c = name == "default" ? fusedrnn::cpu::kCapDefault
+                       : name == "avx2"  ? fusedrnn::cpu::kCapAVX2
+                       : name == "avx512" ? fusedrnn::cpu::kCapAVX512
+                                          : static_cast<Capability>(-1);
+  if (c < 0) {
+    PyErr_SetString(PyExc_ValueError, "fusedrnn: capability should be 'auto', 'default', 'avx2' or 'avx512'");
     return nullptr;
   }
+  if (!fusedrnn::cpu::capability_available(c)) {
+    PyErr_Format(PyExc_RuntimeError, "fusedrnn: the %s kernels are not built or this CPU cannot run them "
+                 "(torch reports CPU capability %s)", name.c_str(), at::get_cpu_capability().c_str());
+    return nullptr;
+  }
+  fusedrnn::cpu::force_capability(c);
   Py_RETURN_NONE;
 }
 
@@ -72,8 +77,10 @@ static PyObject* cpu_capability(PyObject*, PyObject*) {
 
 static PyMethodDef kMethods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O,
-     "set_cpu_capability(name): 'auto' (by CPU, the default), 'default' (baseline build) or 'avx2'."},
-    {"cpu_capability", cpu_capability, METH_NOARGS, "Kernel build the CPU ops use now: 'DEFAULT' or 'AVX2'."},
+     "set_cpu_capability(name): 'auto' (the best this CPU runs, the default), 'default' (baseline build), 'avx2' or "
+     "'avx512'."},
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "Kernel build the CPU ops use now: 'DEFAULT', 'AVX2' or 'AVX512'."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

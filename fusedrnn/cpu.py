@@ -2,7 +2,8 @@
 
 Importing this module never fails: when the extension `fusedrnn._C` is not built, the backend is recorded as missing
 with the command that builds it. Shapes of every argument: docs/design.md (the layer-op contract, minus `backend`).
-`set_capability("default" | "avx2" | "auto")` picks the kernel build (tests use it to run the baseline path).
+`set_capability("default" | "avx2" | "avx512" | "auto")` picks the kernel build (tests use it to run every build the
+CPU can).
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 def set_capability(name: str) -> None:
-    """Kernel build for the next calls: 'auto' (by CPU, the default), 'default' (baseline) or 'avx2'."""
+    """Kernel build for the next calls: 'auto' (the best this CPU runs, the default), 'default' (baseline), 'avx2'
+    or 'avx512'. RuntimeError if that build is not compiled in or the CPU (as torch reports it) cannot run it."""
     _C.set_cpu_capability(name)
 
 
 def capability() -> str:
-    """The kernel build in use: 'DEFAULT' or 'AVX2'."""
+    """The kernel build in use: 'DEFAULT', 'AVX2' or 'AVX512'."""
     return _C.cpu_capability()
 
 

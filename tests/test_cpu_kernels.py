@@ -1,9 +1,10 @@
 """The `cpu` backend (csrc/cpu) against the reference backend, op by op: forward outputs, reserve and every
 gradient, for all modes, projection, both directions, packed variable lengths (incl. length-1 sequences), the
-persistent (matrix-vector, B <= 8 or small weights) and GEMM-per-step time loops, both kernel builds (baseline and AVX2),
+persistent (matrix-vector, B <= 8 or small weights) and GEMM-per-step time loops, every kernel build the CPU runs (baseline, AVX2, AVX-512),
 float64 tight and float32 to float32 rounding; opcheck on the internal ops; the GIL is released while they run.
 Test ids: mode-D{directions}-B{batch}-{lengths}-{proj}-{dtype}-{capability}.
 """
+import platform
 import threading
 import time
 
@@ -22,14 +23,16 @@ TOL = {torch.float64: 1e-10, torch.float32: 3e-5}
 
 
 def capabilities():
+    """Every kernel build this CPU runs (the baseline always)."""
     caps = ["default"]
-    try:
-        cpu.set_capability("avx2")
-        caps.append("avx2")
-    except RuntimeError:
-        pass
-    finally:
-        cpu.set_capability("auto")
+    for cap in ("avx2", "avx512"):
+        try:
+            cpu.set_capability(cap)
+            caps.append(cap)
+        except RuntimeError:
+            pass
+        finally:
+            cpu.set_capability("auto")
     return caps
 
 
@@ -163,10 +166,21 @@ def test_inference_outputs_and_empty_reserve():
 
 
 def test_capability_switch():
+    """auto runs the best build torch's own CPU capability allows; a build this CPU cannot run is refused."""
     cpu.set_capability("default")
     assert cpu.capability() == "DEFAULT"
     cpu.set_capability("auto")
-    assert cpu.capability() in ("DEFAULT", "AVX2")
+    caps = capabilities()
+    assert cpu.capability() == caps[-1].upper()
+    torch_cap = torch.backends.cpu.get_cpu_capability()
+    if torch_cap in ("AVX2", "AVX512") and platform.machine() in ("x86_64", "AMD64"):
+        assert "avx2" in caps
+    if torch_cap == "AVX512" and platform.machine() in ("x86_64", "AMD64"):
+        assert "avx512" in caps
+    for cap in {"avx2", "avx512"} - set(caps):
+        with pytest.raises(RuntimeError, match="cannot run"):
+            cpu.set_capability(cap)
+        assert cpu.capability() == caps[-1].upper()  # unchanged
     with pytest.raises(ValueError):
         cpu.set_capability("sse9")
 

@@ -68,15 +68,14 @@ struct KernelTable {
   // Columns of one packed weight panel (two vectors). A panel is [K, panel] k-major: element (k, c) at k*panel + c.
   int64_t panel;
   // out[j, c] (+)= sum_k h_j[k] Wp[k, c] for j < b, c < n (n <= panel) from one packed panel; rows of h are taken
-  // in register blocks of up to 6 (12 accumulators), so each weight element loaded feeds up to 12 FMAs.
+  // in register blocks of up to kPanelRows (6 with 16 vector registers, 12 with AVX-512's 32: 2 accumulators a
+  // row), split evenly, so each weight vector loaded feeds up to 12 (24) FMAs.
   void (*panel_gemm)(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& h, int64_t b, T* out, int64_t ldo,
                      bool accumulate);
 };
 
 // Batch rows a matrix-vector micro-kernel holds in registers.
 constexpr int64_t kSmallBatch = 8;
-// Batch rows held in registers by the packed-panel kernel and by the backward's vector-matrix kernel.
-constexpr int64_t kPanelRows = 6;
 
 namespace DEFAULT {
 const KernelTable<float>* kernels_float();
@@ -87,5 +86,10 @@ namespace AVX2 {
 const KernelTable<float>* kernels_float();
 const KernelTable<double>* kernels_double();
 }  // namespace AVX2
+namespace AVX512 {
+// nullptr where the AVX-512 build is not compiled (non-x86 hosts).
+const KernelTable<float>* kernels_float();
+const KernelTable<double>* kernels_double();
+}  // namespace AVX512
 
 }  // namespace fusedrnn::cpu

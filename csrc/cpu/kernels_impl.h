@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "kernels.h"
 
@@ -305,6 +306,37 @@ void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& 
   }
 }
 
+// Batch rows the packed-panel and vector-matrix kernels hold in registers (two accumulators a row): 6 with the 16
+// vector registers of the baseline and AVX2 builds, 12 with AVX-512's 32.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPanelRows = 12;
+#else
+constexpr int kPanelRows = 6;
+#endif
+
+// Calls f(std::integral_constant<int, nb>) for a run-time nb in [1, N], so each block size gets its own unrolled
+// kernel.
+template <int N, typename F>
+inline void with_rows(int64_t nb, const F& f) {
+  if constexpr (N > 1) {
+    if (nb < N) return with_rows<N - 1>(nb, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
+// Rows [0, b) in register blocks of at most kPanelRows, as even as possible (16 rows: 8 + 8, not 12 + 4), so no
+// block is left with too few accumulators to hide the FMA latency. Calls f(j0, nb) per block.
+template <typename F>
+inline void row_blocks(int64_t b, const F& f) {
+  if (b <= 0) return;
+  const int64_t nblk = (b + kPanelRows - 1) / kPanelRows, base = b / nblk, extra = b % nblk;
+  for (int64_t i = 0, j0 = 0; i < nblk; ++i) {
+    const int64_t nb = base + (i < extra ? 1 : 0);
+    f(j0, nb);
+    j0 += nb;
+  }
+}
+
 // NB batch rows x NC column vectors of out[j, c] = sum_r g[j, r] W[r, c]; n valid lanes in the last vector.
 template <typename T, int NB, int NC>
 inline void vecmat_block(const T* W, int64_t ldw, int64_t R, const T* g, int64_t ldg, T* out, int64_t ldo,
@@ -348,15 +380,6 @@ void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const
     vecmat_block<T, NB, 1>(W + c, ldw, R, g, ldg, out + c, ldo, std::min(V, c1 - c), accumulate);
 }
 
-// NB rows of one strip of n <= 2V columns.
-template <typename T, int NB>
-void vecmat_strip(const T* W, int64_t ldw, int64_t R, const T* g, int64_t ldg, T* out, int64_t ldo, int64_t n,
-                  bool accumulate) {
-  constexpr int64_t V = Vec<T>::size();
-  if (n > V) vecmat_block<T, NB, 2>(W, ldw, R, g, ldg, out, ldo, n - V, accumulate);
-  else vecmat_block<T, NB, 1>(W, ldw, R, g, ldg, out, ldo, n, accumulate);
-}
-
 template <typename T>
 void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
             T* out, int64_t ldo, bool accumulate) {
@@ -368,18 +391,15 @@ void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T*
   // stays in L1/L2 while every row block reads it instead of the whole slice streaming once per row block.
   for (int64_t c = c0; c < c1; c += 2 * V) {
     const int64_t n = std::min(2 * V, c1 - c);
-    for (int64_t j0 = 0; j0 < b; j0 += kPanelRows) {
+    row_blocks(b, [&](int64_t j0, int64_t nb) {
       const T* gj = g + j0 * ldg;
       T* o = out + j0 * ldo + c;
-      switch (std::min(kPanelRows, b - j0)) {
-        case 1: vecmat_strip<T, 1>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
-        case 2: vecmat_strip<T, 2>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
-        case 3: vecmat_strip<T, 3>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
-        case 4: vecmat_strip<T, 4>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
-        case 5: vecmat_strip<T, 5>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
-        default: vecmat_strip<T, 6>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate); break;
-      }
-    }
+      with_rows<kPanelRows>(nb, [&](auto rows) {
+        constexpr int NB = decltype(rows)::value;
+        if (n > V) vecmat_block<T, NB, 2>(W + c, ldw, R, gj, ldg, o, ldo, n - V, accumulate);
+        else vecmat_block<T, NB, 1>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate);
+      });
+    });
   }
 }
 
@@ -390,13 +410,17 @@ inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64
                         bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
   Vec<T> a0[MR], a1[MR];
+  const T* hr[MR];
   UNROLL
-  for (int j = 0; j < MR; ++j) a0[j] = a1[j] = Vec<T>(T(0));
+  for (int j = 0; j < MR; ++j) {
+    a0[j] = a1[j] = Vec<T>(T(0));
+    hr[j] = h[j];
+  }
   for (int64_t k = 0; k < K; ++k) {
     const Vec<T> w0 = Vec<T>::loadu(Wp + k * 2 * V), w1 = Vec<T>::loadu(Wp + k * 2 * V + V);
     UNROLL
     for (int j = 0; j < MR; ++j) {
-      const Vec<T> hb(h[j][k]);
+      const Vec<T> hb(hr[j][k]);
       a0[j] = at::vec::fmadd(w0, hb, a0[j]);
       a1[j] = at::vec::fmadd(w1, hb, a1[j]);
     }
@@ -410,48 +434,48 @@ inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64
   }
 }
 
-// One batch row: the k loop split in even and odd halves so four accumulator chains hide the FMA latency.
+// One batch row: the weights stream through once, so the k loop is unrolled by four into eight accumulator chains
+// (two per k) to keep both FMA ports busy despite their latency; the chains are summed at the end.
 template <typename T>
 inline void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
-  Vec<T> a0(T(0)), a1(T(0)), b0(T(0)), b1(T(0));
+  constexpr int U = 4;
+  Vec<T> a0[U], a1[U];
+  UNROLL
+  for (int u = 0; u < U; ++u) a0[u] = a1[u] = Vec<T>(T(0));
   int64_t k = 0;
-  for (; k + 1 < K; k += 2) {
-    const Vec<T> h0(h[k]), h1(h[k + 1]);
-    a0 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), h0, a0);
-    a1 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), h0, a1);
-    b0 = at::vec::fmadd(Vec<T>::loadu(Wp + (k + 1) * 2 * V), h1, b0);
-    b1 = at::vec::fmadd(Vec<T>::loadu(Wp + (k + 1) * 2 * V + V), h1, b1);
+  for (; k + U <= K; k += U) {
+    UNROLL
+    for (int u = 0; u < U; ++u) {
+      const Vec<T> hb(h[k + u]);
+      a0[u] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * 2 * V), hb, a0[u]);
+      a1[u] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * 2 * V + V), hb, a1[u]);
+    }
   }
-  if (k < K) {
-    const Vec<T> h0(h[k]);
-    a0 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), h0, a0);
-    a1 = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), h0, a1);
+  for (; k < K; ++k) {
+    const Vec<T> hb(h[k]);
+    a0[0] = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), hb, a0[0]);
+    a1[0] = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), hb, a1[0]);
   }
-  a0 = a0 + b0;
-  a1 = a1 + b1;
+  const Vec<T> s0 = (a0[0] + a0[1]) + (a0[2] + a0[3]), s1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);
   const int64_t n0 = std::min(V, n), n1 = n - n0;
-  st(accumulate ? a0 + ld(out, n0) : a0, out, n0);
-  if (n1 > 0) st(accumulate ? a1 + ld(out + V, n1) : a1, out + V, n1);
+  st(accumulate ? s0 + ld(out, n0) : s0, out, n0);
+  if (n1 > 0) st(accumulate ? s1 + ld(out + V, n1) : s1, out + V, n1);
 }
 
 template <typename T>
 void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
                 bool accumulate) {
-  for (int64_t j0 = 0; j0 < b; j0 += kPanelRows) {
+  row_blocks(b, [&](int64_t j0, int64_t nb) {
     const T* h[kPanelRows];
-    const int64_t nb = std::min(kPanelRows, b - j0);
     for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
     T* o = out + j0 * ldo;
-    switch (nb) {
-      case 1: panel_row<T>(Wp, K, h[0], o, n, accumulate); break;
-      case 2: panel_block<T, 2>(Wp, K, h, o, ldo, n, accumulate); break;
-      case 3: panel_block<T, 3>(Wp, K, h, o, ldo, n, accumulate); break;
-      case 4: panel_block<T, 4>(Wp, K, h, o, ldo, n, accumulate); break;
-      case 5: panel_block<T, 5>(Wp, K, h, o, ldo, n, accumulate); break;
-      default: panel_block<T, 6>(Wp, K, h, o, ldo, n, accumulate); break;
-    }
-  }
+    with_rows<kPanelRows>(nb, [&](auto rows) {
+      constexpr int MR = decltype(rows)::value;
+      if constexpr (MR == 1) panel_row<T>(Wp, K, h[0], o, n, accumulate);
+      else panel_block<T, MR>(Wp, K, h, o, ldo, n, accumulate);
+    });
+  });
 }
 
 template <typename T>

@@ -33,30 +33,39 @@ using at::Tensor;
 
 // ---- kernel table choice ----------------------------------------------------------------------------------------
 
-std::atomic<int> g_forced{-1};  // -1: by CPU capability, 0: baseline, 1: AVX2
+std::atomic<int> g_forced{-1};  // -1: by CPU capability, else a Capability
 
-bool cpu_has_avx2() {
-  static const bool ok = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    return cap == "AVX2" || cap == "AVX512";
+// What at::get_cpu_capability() allows (it honours ATEN_CPU_CAPABILITY, so one variable lowers both torch's and
+// fusedrnn's kernels) among the builds compiled in.
+Capability cpu_best() {
+  static const Capability best = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512" && AVX512::kernels_float() != nullptr) return kCapAVX512;
+    if ((cap == "AVX2" || cap == "AVX512") && AVX2::kernels_float() != nullptr) return kCapAVX2;
+    return kCapDefault;
   }();
-  return ok && AVX2::kernels_float() != nullptr;
+  return best;
 }
 
-bool use_avx2() {
+Capability current() {
   const int f = g_forced.load();
-  return f < 0 ? cpu_has_avx2() : f == 1;
+  return f < 0 ? cpu_best() : static_cast<Capability>(f);
 }
 
 template <typename T>
-const KernelTable<T>& table();
-template <>
-const KernelTable<float>& table<float>() {
-  return *(use_avx2() ? AVX2::kernels_float() : DEFAULT::kernels_float());
+const KernelTable<T>* table_of(Capability c) {
+  if constexpr (std::is_same_v<T, float>) {
+    return c == kCapAVX512 ? AVX512::kernels_float() : c == kCapAVX2 ? AVX2::kernels_float()
+                                                                     : DEFAULT::kernels_float();
+  } else {
+    return c == kCapAVX512 ? AVX512::kernels_double() : c == kCapAVX2 ? AVX2::kernels_double()
+                                                                      : DEFAULT::kernels_double();
+  }
 }
-template <>
-const KernelTable<double>& table<double>() {
-  return *(use_avx2() ? AVX2::kernels_double() : DEFAULT::kernels_double());
+
+template <typename T>
+const KernelTable<T>& table() {
+  return *table_of<T>(current());
 }
 
 // ---- helpers ----------------------------------------------------------------------------------------------------
@@ -639,11 +648,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
 
 }  // namespace
 
-void force_capability(int which) { g_forced.store(which); }
+bool capability_available(Capability c) { return c <= cpu_best(); }
 
-std::string active_capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+void force_capability(int which) {
+  TORCH_CHECK(which < 0 || capability_available(static_cast<Capability>(which)),
+              "fusedrnn: that kernel build is not compiled in or this CPU cannot run it");
+  g_forced.store(which);
+}
 
-bool avx2_available() { return cpu_has_avx2(); }
+std::string active_capability() {
+  const Capability c = current();
+  return c == kCapAVX512 ? "AVX512" : c == kCapAVX2 ? "AVX2" : "DEFAULT";
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(const std::string& mode, const Tensor& x,
                                                       const Tensor& batch_sizes, const Tensor& hx,

@@ -26,9 +26,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_back
     const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& hx, const std::optional<at::Tensor>& cx,
     at::TensorList weights, bool has_biases, int64_t num_directions, const at::Tensor& y, const at::Tensor& reserve);
 
-// Kernel build used by the next calls: -1 by CPU capability (default), 0 baseline, 1 AVX2 (error if unavailable).
+// Kernel builds, in order: each runs wherever a later one does.
+enum Capability : int { kCapDefault = 0, kCapAVX2 = 1, kCapAVX512 = 2 };
+
+// Whether build c is compiled in and this CPU (as at::get_cpu_capability() reports it) can run it.
+bool capability_available(Capability c);
+// Kernel build used by the next calls: -1 the best this CPU allows (default), else a Capability (error if
+// !capability_available).
 void force_capability(int which);
+// "DEFAULT", "AVX2" or "AVX512".
 std::string active_capability();
-bool avx2_available();
 
 }  // namespace fusedrnn::cpu
