@@ -88,6 +88,9 @@ def _setup_context(ctx, inputs, output):
     ctx.train = train
     ctx.n_weights = len(weights)
     ctx.save_for_backward(x, batch_sizes, hx, cx, y, reserve, *weights)
+    # Unused outputs get None, not a materialised zero gradient: the reserve's alone would be a [D, N, R] tensor of
+    # zeros per layer (as large as the reserve itself). _backward makes the zeros it needs, and only those.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve):

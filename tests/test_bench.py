@@ -336,6 +336,10 @@ def test_report_and_plots_in_tmp_dir(tiny_results, tmp_path):
     assert (tmp_path / "report.md").read_text() == text
     assert "test cpu" in text and "2026-01-01" in text and "GEMM peak" in text
     assert "✅ met" in text and "❌ missed" in text and "1 of 2 measured targets met" in text
+    # ceiling = 1 / torch.nn's fraction of the GEMM peak, per target row
+    target_row = next(r for r in tiny_results["rows"] if r.get("target") is not None)
+    want = 1 / target_row["impls"]["torch"]["peak_frac"]
+    assert report.ceiling(target_row) == pytest.approx(want) and f"{want:.2f}x" in text and "Ceiling:" in text
     for f in files:
         assert f"]({f})" in text
     assert "LSTM T=4 B=3 I=5 H=6 fp32" in text and "GRU T=5 B=3 H=4 (2L, bi, packed) fp32" in text

@@ -135,17 +135,45 @@ def test_matches_reference(mode, case, dtype, capability):
     assert_match(ours, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("loop", ["persistent", "gemm"])
+@pytest.mark.parametrize("loop", ["persistent", "persistent-unpacked", "gemm"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 11, [7, 7, 6, 5, 5, 3, 3, 2, 1, 1, 1], 0)),
                                        ("lstm", (2, 10, [5, 5, 4, 4, 3, 3, 2, 2, 1, 1], 5)),
-                                       ("gru", (2, 19, None, 0)), ("rnn_tanh", (1, 3, [4, 2, 2], 0))])
+                                       ("gru", (2, 19, None, 0)), ("rnn_tanh", (1, 3, [4, 2, 2], 0)),
+                                       ("gru", (1, 1, None, 0)), ("lstm", (2, 1, None, 4))])
 def test_both_time_loops(mode, case, loop, monkeypatch):
-    """Each shape through both loops: persistent (thread slices, packed W_hh panels in row blocks of 6) and GEMM
-    per step."""
-    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    """Each shape through both loops: persistent (thread slices; W_hh repacked into panels, or as it is, which
+    batch 1 takes) and GEMM per step."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop.split("-")[0])
+    monkeypatch.setenv("FUSEDRNN_CPU_PACK", "0" if loop.endswith("unpacked") else "1")
     D, B, lengths, proj = case
     args, grads = make_case(mode, D, B, lengths, I=7, H=40, proj=proj, dtype=torch.float64)
     assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 9])
+@pytest.mark.parametrize("loop", ["persistent", "gemm"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (2, 4, [7, 6, 2, 2], 3)),
+                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (2, 3, [6, 4, 4], 0))])
+def test_time_chunks(mode, case, loop, chunk_rows, monkeypatch):
+    """The loops run the sequence in chunks of about FUSEDRNN_CPU_CHUNK_ROWS packed rows (inference: the input
+    projections chunk by chunk; backward: the gate gradients and the weight-gradient GEMMs): one row (a chunk per
+    step), a few rows (chunks of several steps, a short tail merged into the chunk before it), and more rows
+    than the sequence has (one chunk) give the same forward (train and inference) and backward."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=5, H=24, proj=proj, dtype=torch.float64)
+    ref = run("reference", args, grads)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", str(chunk_rows))
+    assert_match(run("cpu", args, grads), ref, TOL[torch.float64])
+    y, hy, cy, _ = forward("cpu", args, False)
+    torch.testing.assert_close(y, ref["y"], rtol=0, atol=TOL[torch.float64])
+    torch.testing.assert_close(hy, ref["hy"], rtol=0, atol=TOL[torch.float64])
+    # grad_y expanded from one row (as y.sum() gives it, strides 0): copied chunk by chunk, same gradients
+    expanded = (grads[0][:1].expand_as(grads[0]), *grads[1:])
+    monkeypatch.delenv("FUSEDRNN_CPU_CHUNK_ROWS")
+    ref = run("reference", args, expanded)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", str(chunk_rows))
+    assert_match(run("cpu", args, expanded), ref, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+import fusedrnn
+
 from conftest import conformance_backends
 from helpers import make_pair
 
@@ -154,3 +156,48 @@ def test_saved_bytes_count_unique_storages():
         def forward(self, x):
             return self.lin(x) * x * x, None  # saves x (three times), lin(x), lin(x) * x and the weight
     assert saved_bytes(Twice(), x) == 3 * x.untyped_storage().nbytes()
+
+
+# ---- peak memory of one call ----------------------------------------------------------------------------------------
+
+def _peak_case_id(case):
+    return case.id
+
+
+def _target_cases():
+    from fusedrnn.bench.cases import CPU_TARGETS
+    return CPU_TARGETS
+
+
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("case", _target_cases(), ids=_peak_case_id)
+def test_cpu_peak_memory_of_forward_backward_not_above_torch(case):
+    """Issue 3's cases: the most memory allocated during one forward+backward of the `cpu` backend (profiler
+    allocation events, as the benchmark reports it) is no more than torch.nn's on the same input and loss."""
+    from fusedrnn.bench.metrics import cpu_peak_bytes
+    kind = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[case.cell]
+    kw = dict(num_layers=case.layers, bidirectional=case.bidirectional)
+    if case.proj:
+        kw["proj_size"] = case.proj
+    ref, ours = make_pair(kind, case.I, case.H, backend="cpu", dtype=torch.float32, **kw)
+    x = torch.randn(case.T, case.B, case.I)
+    lengths = case.lengths()
+
+    def fwd_bwd(module):
+        inp = x.detach().requires_grad_()
+        if case.packed:
+            inp = torch.nn.utils.rnn.pack_padded_sequence(inp, lengths)
+        out, _ = module(inp)
+        (out.data if case.packed else out).sum().backward()
+
+    peaks = []
+    for module in (ref, ours):
+        fwd_bwd(module)  # first call: one-time allocations (kernels, thread pools) stay out of the reading
+        module.zero_grad(set_to_none=True)
+        peaks.append(cpu_peak_bytes(lambda: fwd_bwd(module)))
+        module.zero_grad(set_to_none=True)
+    theirs, mine = peaks
+    if theirs is None:
+        pytest.skip("this torch build's profiler reports no allocation events")
+    print(f"{case.id}: peak {mine / 2**20:.2f} MiB, torch.nn {theirs / 2**20:.2f} MiB ({mine / theirs:.2f}x)")
+    assert 0 < mine <= theirs, f"peak {mine / 2**20:.2f} MiB > torch.nn's {theirs / 2**20:.2f} MiB"

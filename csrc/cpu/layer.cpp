@@ -249,6 +249,59 @@ void for_rows(int64_t b, int64_t width, const F& fn) {
   at::parallel_for(0, b, std::max<int64_t>(1, kMinElems / width), fn);
 }
 
+// ---- time chunks ------------------------------------------------------------------------------------------------
+
+// The loops run over chunks of consecutive loop positions, whose rows are contiguous in the packed layout. The
+// workspaces that grow with the sequence (inference: the input projections; backward: the gate gradients and the
+// other operands of the weight-gradient GEMMs) are then chunk-sized, so memory beyond the outputs and the reserve
+// stays bounded however long the sequence, and a chunk's workspace is still in cache when its GEMMs run. A chunk
+// holds about kChunkRows rows (at least one step): enough for the GEMMs over it to run near their peak.
+// FUSEDRNN_CPU_CHUNK_ROWS overrides it (tests use a few rows to run many chunks on small shapes).
+constexpr int64_t kChunkRows = 512;
+
+int64_t chunk_rows() {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_CHUNK_ROWS")) {
+    const long v = std::atol(e);
+    if (v > 0) return v;
+  }
+  return kChunkRows;
+}
+
+struct Chunk {
+  int64_t s0, s1;  // loop positions [s0, s1)
+  int64_t r0, r1;  // packed rows [r0, r1)
+};
+
+// Chunks of the loop positions [0, T) of a direction, in loop order; a short tail joins the chunk before it.
+std::vector<Chunk> time_chunks(const Layout& L, bool reverse) {
+  auto rows_of = [&](int64_t s0, int64_t s1) {  // rows of loop positions [s0, s1): steps ta..tb
+    const int64_t ta = reverse ? L.T - s1 : s0, tb = reverse ? L.T - 1 - s0 : s1 - 1;
+    return std::pair<int64_t, int64_t>{L.offs[ta], L.offs[tb] + L.bs[tb]};
+  };
+  const int64_t target = chunk_rows();
+  std::vector<Chunk> out;
+  int64_t s0 = 0, rows = 0;
+  for (int64_t s = 0; s < L.T; ++s) {
+    rows += L.bs[reverse ? L.T - 1 - s : s];
+    if (rows >= target || s == L.T - 1) {
+      if (!out.empty() && rows < target / 2) s0 = out.back().s0, out.pop_back();
+      const auto [r0, r1] = rows_of(s0, s + 1);
+      out.push_back({s0, s + 1, r0, r1});
+      s0 = s + 1;
+      rows = 0;
+    }
+  }
+  return out;
+}
+
+// A chunk-sized buffer indexed by packed row: row r at p + (r - r0) * ld.
+template <typename T>
+struct RowBuf {
+  T* p = nullptr;
+  int64_t ld = 0, r0 = 0;
+  T* row(int64_t r) const { return p + (r - r0) * ld; }
+};
+
 // ---- forward ----------------------------------------------------------------------------------------------------
 
 // Per-direction scratch of the forward loops: hg GRU [B, G*H] (h_prev W_hh^T), hf proj [B, H] (unprojected h).
@@ -283,21 +336,21 @@ FwdArgs<T> fwd_args(const Dir<T>& dir, int64_t t, T* pre, int64_t ldxg, const T*
   return a;
 }
 
-// xg: [N, G*H] input projections (+ biases) of this direction, row stride ldxg; h: [B, P] and c: [B, H] states,
-// in: hx / cx, out: hy / cy.
+// Loop positions [s0, s1). xg: the input projections (+ biases) of this direction, [rows, G*H]; h: [B, P] and
+// c: [B, H] states, in: hx / cx (first chunk) or the previous chunk's, out: hy / cy.
 template <typename T>
-void forward_large(const Dir<T>& dir, const KernelTable<T>& K, T* xg, int64_t ldxg, T* h, T* c) {
+void forward_large(const Dir<T>& dir, const KernelTable<T>& K, const RowBuf<T>& xg, int64_t s0, int64_t s1, T* h,
+                   T* c, const FwdScratch<T>& scratch) {
   const Layout& L = *dir.L;
   const int64_t H = L.H, P = L.P, GH = dir.GH();
-  FwdScratch<T> scratch(L);
   T* hg = scratch.hg;
   T* hf = scratch.hf;
-  for (int64_t s = 0; s < L.T; ++s) {
+  for (int64_t s = s0; s < s1; ++s) {
     const int64_t t = dir.step(s), b = L.bs[t];
-    T* pre = xg + L.offs[t] * ldxg;
+    T* pre = xg.row(L.offs[t]);
     if (L.mode == kGRU) gemm<T>(false, true, b, GH, P, h, P, dir.w_hh, P, T(0), hg, GH);
-    else gemm<T>(false, true, b, GH, P, h, P, dir.w_hh, P, T(1), pre, ldxg);
-    const FwdArgs<T> a = fwd_args(dir, t, pre, ldxg, hg, RowSrc<T>{h, P, L.B, nullptr, 0}, c, h, hf);
+    else gemm<T>(false, true, b, GH, P, h, P, dir.w_hh, P, T(1), pre, xg.ld);
+    const FwdArgs<T> a = fwd_args(dir, t, pre, xg.ld, hg, RowSrc<T>{h, P, L.B, nullptr, 0}, c, h, hf);
     for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.fwd[L.mode](a, j0, j1, 0, H); });
     if (L.proj) {
       gemm<T>(false, true, b, P, H, hf, H, dir.w_hr, H, T(0), h, P);
@@ -327,54 +380,89 @@ void pack_slice(const T* W, int64_t H, int64_t G, int64_t K, int64_t k0, int64_t
   }
 }
 
+// Per-thread packed weight slices of the persistent loops: slice sl of S at p + sl * pstride, npan panels a gate.
+// p == nullptr: not packed, the loops multiply by W_hh as it is (see pack_weights()).
+template <typename T>
+struct Packed {
+  Tensor buf;
+  T* p = nullptr;
+  int64_t S = 1, npan = 0, pstride = 0;
+};
+
+// Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
+// packed copy is as large as W_hh and lives through the call. Forward: the packed kernel wins at every batch
+// (2 threads, AVX-512, LSTM T100 H256: 15% at batch 1, 40% from batch 4). Backward: the vector-matrix kernel on
+// W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from batch 4 (2-3% at batch 8-32).
+// FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides (tests and benchmarks).
+bool pack_weights(const Layout& L, bool forward) {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_PACK")) {
+    if (std::strcmp(e, "0") == 0) return false;
+    if (std::strcmp(e, "1") == 0) return true;
+    if (std::strcmp(e, "fwd") == 0) return forward;
+    if (std::strcmp(e, "bwd") == 0) return !forward;
+  }
+  return forward || L.B > 2;
+}
 
 template <typename T>
-void forward_small(const Dir<T>& dir, const KernelTable<T>& K, T* xg, int64_t ldxg, T* h, T* c) {
+Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K) {
   const Layout& L = *dir.L;
-  const int64_t H = L.H, P = L.P, GH = dir.GH();
-  FwdScratch<T> scratch(L);
+  Packed<T> pk;
+  pk.S = small_slices(L);
+  if (!pack_weights(L, true)) return pk;
+  pk.npan = (slice_chunk(L.H, pk.S) + K.panel - 1) / K.panel;
+  pk.pstride = L.G * pk.npan * K.panel * L.P;
+  pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  pk.p = pk.buf.template data_ptr<T>();
+  at::parallel_for(0, pk.S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      const auto [k0, k1] = slice_range(L.H, sl, pk.S);
+      pack_slice(dir.w_hh, L.H, L.G, L.P, k0, k1, K.panel, pk.npan, pk.p + sl * pk.pstride);
+    }
+  });
+  return pk;
+}
+
+template <typename T>
+void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& pk, const RowBuf<T>& xg, int64_t s0,
+                   int64_t s1, T* h, T* c, const FwdScratch<T>& scratch) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S, panel = K.panel;
   T* hg = scratch.hg;
   T* hf = scratch.hf;
-  const int64_t S = small_slices(L);
-  // Packed panels: each thread packs its own slice (so its copy lands in its own cache) and uses only that. Even
-  // at batch 1, where the step streams the weights once either way, the packed kernel (no horizontal sums) beats
-  // a matrix-vector kernel on W_hh as it is, packing included: LSTM T100 B1 H256 forward 5-10% faster.
-  const int64_t panel = K.panel, npan = (slice_chunk(H, S) + panel - 1) / panel, pstride = L.G * npan * panel * P;
-  Tensor wp_t = alloc({S * pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
-  T* wp = wp_t.template data_ptr<T>();
   T* rec_out = L.mode == kGRU ? hg : nullptr;  // GRU: h_prev W_hh^T apart; else accumulated into the XG rows
   SpinBarrier barrier(S);
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t sl = s0; sl < s1; ++sl) {
-      const auto [k0, k1] = slice_range(H, sl, S);
-      pack_slice(dir.w_hh, H, L.G, P, k0, k1, panel, npan, wp + sl * pstride);
-    }
-    for (int64_t s = 0; s < L.T; ++s) {
+  at::parallel_for(0, S, 1, [&](int64_t sl0, int64_t sl1) {
+    for (int64_t s = s0; s < s1; ++s) {
       const int64_t t = dir.step(s), b = L.bs[t];
-      T* pre = xg + L.offs[t] * ldxg;
+      T* pre = xg.row(L.offs[t]);
       const RowSrc<T> hp = dir.h_prev(t);
       T* out = rec_out ? rec_out : pre;
-      const int64_t ldo = rec_out ? GH : ldxg;
-      for (int64_t sl = s0; sl < s1; ++sl) {
+      const int64_t ldo = rec_out ? GH : xg.ld;
+      for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [k0, k1] = slice_range(H, sl, S);
         for (int64_t g = 0; g < L.G; ++g) {
+          if (!pk.p) {
+            K.matvec(dir.w_hh + (g * H + k0) * P, P, k1 - k0, P, hp, b, out + g * H + k0, ldo, !rec_out);
+            continue;
+          }
           for (int64_t q = 0, c0 = k0; c0 < k1; ++q, c0 += panel)
-            K.panel_gemm(wp + sl * pstride + (g * npan + q) * panel * P, P, std::min(panel, k1 - c0), hp, b,
-                         out + g * H + c0, ldo, !rec_out);
+            K.panel_gemm(pk.p + sl * pk.pstride + (g * pk.npan + q) * panel * P, P, std::min(panel, k1 - c0), hp,
+                         b, out + g * H + c0, ldo, !rec_out);
         }
-        const FwdArgs<T> a = fwd_args(dir, t, pre, ldxg, hg, hp, c, h, hf);
+        const FwdArgs<T> a = fwd_args(dir, t, pre, xg.ld, hg, hp, c, h, hf);
         K.fwd[L.mode](a, 0, b, k0, k1);
       }
-      barrier.wait(s1 - s0);
+      barrier.wait(sl1 - sl0);
       if (!L.proj) continue;
-      for (int64_t sl = s0; sl < s1; ++sl) {
+      for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
         K.matvec(dir.w_hr + p0 * H, H, p1 - p0, H, RowSrc<T>{hf, H, b, nullptr, 0}, b, dir.y_row(t) + p0, dir.ldy,
                  false);
         for (int64_t j = 0; j < b; ++j)
           std::memcpy(h + j * P + p0, dir.y_row(t) + j * dir.ldy + p0, (p1 - p0) * sizeof(T));
       }
-      barrier.wait(s1 - s0);
+      barrier.wait(sl1 - sl0);
     }
   });
 }
@@ -392,17 +480,17 @@ Tensor input_bias(const Layout& L, const std::vector<Tensor>& ws) {
   return at::cat(parts);
 }
 
-Tensor cat_w_ih(const Layout& L, const std::vector<Tensor>& ws) {
-  std::vector<Tensor> parts;
-  for (int64_t d = 0; d < L.D; ++d) parts.push_back(L.w_ih(ws, d));
-  return L.D == 1 ? parts[0] : at::cat(parts);
-}
-
 std::vector<Tensor> contiguous_all(at::TensorList ws) {
   std::vector<Tensor> r;
   r.reserve(ws.size());
   for (const auto& w : ws) r.push_back(w.contiguous());
   return r;
+}
+
+// out = x W_ih^T (+ bias): the input projections of one direction for the rows of x.
+void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
+  if (bias.defined()) at::addmm_out(out, bias, x, w_ih.t());
+  else at::mm_out(out, x, w_ih.t());
 }
 
 template <typename T>
@@ -416,26 +504,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const auto opts = x.options();
   const int64_t GH = L.G * L.H;
   Tensor reserve = train ? alloc({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
-  // The input projections (+ biases). Training LSTM / GRU: straight into the first G*H columns of each
+  const Tensor bias = L.bias ? input_bias(L, ws) : Tensor();
+  auto bias_d = [&](int64_t d) { return bias.defined() ? bias.narrow(0, d * GH, GH) : Tensor(); };
+  // The input projections. Training LSTM / GRU: for the whole sequence straight into the first G*H columns of each
   // direction's reserve rows, where the gate pass overwrites them in place with the activated gates (the reserve
-  // row holds the gates at the same columns). No separate [N, D*G*H] buffer: a third less memory written and
-  // touched in the forward. Else one GEMM for both directions into xg.
+  // row holds the gates at the same columns): no buffer of their own. Else chunk by chunk into one chunk-sized
+  // buffer, just before the loop reaches them.
   const bool in_reserve = train && L.R >= GH;
-  Tensor xg;
-  std::vector<Tensor> xg_d(L.D);
-  if (in_reserve) {
-    const Tensor bias = L.bias ? input_bias(L, ws) : Tensor();
-    for (int64_t d = 0; d < L.D; ++d) {
-      xg_d[d] = reserve[d].narrow(1, 0, GH);
-      if (L.bias) at::addmm_out(xg_d[d], bias.narrow(0, d * GH, GH), x, L.w_ih(ws, d).t());
-      else at::mm_out(xg_d[d], x, L.w_ih(ws, d).t());
-    }
-  } else {
-    xg = alloc({L.N, L.D * GH}, opts);
-    if (L.bias) at::addmm_out(xg, input_bias(L, ws), x, cat_w_ih(L, ws).t());
-    else at::mm_out(xg, x, cat_w_ih(L, ws).t());
-    for (int64_t d = 0; d < L.D; ++d) xg_d[d] = xg.narrow(1, d * GH, GH);
+  if (in_reserve)
+    for (int64_t d = 0; d < L.D; ++d) input_projection(reserve[d].narrow(1, 0, GH), x, L.w_ih(ws, d), bias_d(d));
+  std::vector<std::vector<Chunk>> chunks(L.D);
+  int64_t max_rows = 0;
+  for (int64_t d = 0; d < L.D; ++d) {
+    chunks[d] = in_reserve ? std::vector<Chunk>{{0, L.T, 0, L.N}} : time_chunks(L, d == 1);
+    for (const Chunk& ch : chunks[d]) max_rows = std::max(max_rows, ch.r1 - ch.r0);
   }
+  Tensor xg = in_reserve ? Tensor() : alloc({max_rows, GH}, opts);
   std::vector<Tensor> b_hn;
   if (L.mode == kGRU && L.bias)
     for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
@@ -446,44 +530,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   for (int64_t d = 0; d < L.D; ++d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, hx, cx, y, reserve);
     T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
-    T* xgp = xg_d[d].data_ptr<T>();
-    const int64_t ldxg = xg_d[d].stride(0);
-    if (small_batch(L, true)) forward_small(dir, K, xgp, ldxg, hy[d].data_ptr<T>(), c);
-    else forward_large(dir, K, xgp, ldxg, hy[d].data_ptr<T>(), c);
+    T* h = hy[d].data_ptr<T>();
+    const FwdScratch<T> scratch(L);
+    const bool small = small_batch(L, true);
+    const Packed<T> pk = small ? pack_forward(dir, K) : Packed<T>{};
+    for (const Chunk& ch : chunks[d]) {
+      RowBuf<T> buf{nullptr, GH, ch.r0};
+      if (in_reserve) {
+        buf = {reserve[d].data_ptr<T>(), L.R, 0};
+      } else {
+        Tensor part = xg.narrow(0, 0, ch.r1 - ch.r0);
+        input_projection(part, x.narrow(0, ch.r0, ch.r1 - ch.r0), L.w_ih(ws, d), bias_d(d));
+        buf.p = part.data_ptr<T>();
+      }
+      if (small) forward_small(dir, K, pk, buf, ch.s0, ch.s1, h, c, scratch);
+      else forward_large(dir, K, buf, ch.s0, ch.s1, h, c, scratch);
+    }
   }
   return {y, hy, cy, reserve};
 }
 
 // ---- backward ---------------------------------------------------------------------------------------------------
 
-// Buffers of one direction's backward loop. dg: [N, D*G*H] input-side gate gradients (all directions);
-// dgh: GRU [N, G*H] recurrent-side gate gradients; dht: proj [N, P] total gradient w.r.t. h per step;
-// dhf: proj [B, H]; dh: [B, P] and dc: [B, H] running state gradients (in: grad_hy / grad_cy, out: grad_hx / cx).
+// Buffers of one direction's backward loop. Chunk-sized, row r at (r - r0): dg [rows, G*H] input-side gate
+// gradients; dgh GRU [rows, G*H] recurrent-side gate gradients; dht proj [rows, P] total gradient w.r.t. h per
+// step. State: dhf proj [B, H]; dh [B, P] and dc [B, H] running state gradients (in: grad_hy / grad_cy, out:
+// grad_hx / grad_cx). gy: rows of grad_y [N, D*P] (all of them, or a contiguous copy of the chunk's).
 template <typename T>
 struct BwdBufs {
   T* dg;
   T* dgh;
   T* dht;
+  int64_t r0;
   T* dhf;
   T* dh;
   T* dc;
-  const T* gy;  // grad_y [N, D*P]
-  // Where the recurrent product reads its gate gradients: GRU's recurrent side, else the input side.
-  const T* rec(const Dir<T>& dir, int64_t t) const {
-    const Layout& L = *dir.L;
-    return dgh ? dgh + L.offs[t] * dir.GH() : dg + L.offs[t] * L.D * dir.GH() + dir.d * dir.GH();
-  }
-  int64_t ld_rec(const Dir<T>& dir) const { return dgh ? dir.GH() : dir.L->D * dir.GH(); }
+  RowBuf<const T> gy;
+  // Where the recurrent product reads its gate gradients: GRU's recurrent side, else the input side ([b, G*H]).
+  const T* rec(const Dir<T>& dir, int64_t t) const { return (dgh ? dgh : dg) + (dir.L->offs[t] - r0) * dir.GH(); }
 };
 
 // dht rows of step t = dh state + grad_y rows, for hidden columns [p0, p1) (projection only).
 template <typename T>
 void total_dh(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t, int64_t p0, int64_t p1) {
   const Layout& L = *dir.L;
-  T* out = bb.dht + L.offs[t] * L.P;
-  const T* gy = bb.gy + L.offs[t] * dir.ldy + dir.d * L.P;
+  T* out = bb.dht + (L.offs[t] - bb.r0) * L.P;
+  const T* gy = bb.gy.row(L.offs[t]) + dir.d * L.P;
   for (int64_t j = 0; j < L.bs[t]; ++j)
-    for (int64_t p = p0; p < p1; ++p) out[j * L.P + p] = bb.dh[j * L.P + p] + gy[j * dir.ldy + p];
+    for (int64_t p = p0; p < p1; ++p) out[j * L.P + p] = bb.dh[j * L.P + p] + gy[j * bb.gy.ld + p];
 }
 
 template <typename T>
@@ -496,33 +590,33 @@ BwdArgs<T> bwd_args(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t) {
     a.dh = bb.dhf; a.ld_dh = L.H;
   } else {
     a.dh = bb.dh; a.ld_dh = L.P;
-    a.dh2 = bb.gy + o * dir.ldy + dir.d * L.P; a.ld_dh2 = dir.ldy;
+    a.dh2 = bb.gy.row(o) + dir.d * L.P; a.ld_dh2 = bb.gy.ld;
   }
   a.res = dir.res_row(t); a.ld_res = L.R;
   if (L.mode == kLSTM) a.prev = dir.c_prev(t);
   if (L.mode == kGRU) a.prev = dir.h_prev(t);
   a.y = dir.y_row(t); a.ld_y = dir.ldy;
   a.dc = bb.dc; a.ld_dc = L.H;
-  a.dg = bb.dg + o * L.D * GH + dir.d * GH; a.ld_dg = L.D * GH;
-  a.dgh = bb.dgh ? bb.dgh + o * GH : nullptr; a.ld_dgh = GH;
+  a.dg = bb.dg + (o - bb.r0) * GH; a.ld_dg = GH;
+  a.dgh = bb.dgh ? bb.dgh + (o - bb.r0) * GH : nullptr; a.ld_dgh = GH;
   a.dhp = bb.dh; a.ld_dhp = L.P;
   return a;
 }
 
+// Loop positions s1-1 down to s0.
 template <typename T>
-void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb) {
+void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb, int64_t s0, int64_t s1) {
   const Layout& L = *dir.L;
   const int64_t H = L.H, P = L.P, GH = dir.GH();
-  for (int64_t s = L.T - 1; s >= 0; --s) {
+  for (int64_t s = s1 - 1; s >= s0; --s) {
     const int64_t t = dir.step(s), b = L.bs[t];
     if (L.proj) {
       total_dh(dir, bb, t, 0, P);
-      gemm<T>(false, false, b, H, P, bb.dht + L.offs[t] * P, P, dir.w_hr, H, T(0), bb.dhf, H);
+      gemm<T>(false, false, b, H, P, bb.dht + (L.offs[t] - bb.r0) * P, P, dir.w_hr, H, T(0), bb.dhf, H);
     }
     const BwdArgs<T> a = bwd_args(dir, bb, t);
     for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.bwd[L.mode](a, j0, j1, 0, H); });
-    gemm<T>(false, false, b, P, GH, bb.rec(dir, t), bb.ld_rec(dir), dir.w_hh, P, T(L.mode == kGRU ? 1 : 0), bb.dh,
-            P);
+    gemm<T>(false, false, b, P, GH, bb.rec(dir, t), GH, dir.w_hh, P, T(L.mode == kGRU ? 1 : 0), bb.dh, P);
   }
 }
 
@@ -540,56 +634,75 @@ void pack_columns(const T* W, int64_t R, int64_t ldw, int64_t p0, int64_t p1, in
   }
 }
 
+// dh = dG W_hh multiplies by per-thread packed strips of W_hh's columns, as the forward does with its rows.
 template <typename T>
-void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb) {
+Packed<T> pack_backward(const Dir<T>& dir, const KernelTable<T>& K) {
   const Layout& L = *dir.L;
-  const int64_t H = L.H, P = L.P, GH = dir.GH();
-  const int64_t S = small_slices(L);
-  if (L.proj) total_dh(dir, bb, dir.step(L.T - 1), 0, P);
-  // dh = dG W_hh multiplies by per-thread packed strips of W_hh, as the forward does.
-  const int64_t panel = K.panel, npan = (slice_chunk(P, S) + panel - 1) / panel, pstride = npan * panel * GH;
-  Tensor wp_t = alloc({S * pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
-  T* wp = wp_t.template data_ptr<T>();
-  SpinBarrier barrier(S);
-  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+  Packed<T> pk;
+  pk.S = small_slices(L);
+  if (!pack_weights(L, false)) return pk;
+  pk.npan = (slice_chunk(L.P, pk.S) + K.panel - 1) / K.panel;
+  pk.pstride = pk.npan * K.panel * dir.GH();
+  pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  pk.p = pk.buf.template data_ptr<T>();
+  at::parallel_for(0, pk.S, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t sl = s0; sl < s1; ++sl) {
-      const auto [p0, p1] = slice_range(P, sl, S);
-      pack_columns(dir.w_hh, GH, P, p0, p1, panel, npan, wp + sl * pstride);
+      const auto [p0, p1] = slice_range(L.P, sl, pk.S);
+      pack_columns(dir.w_hh, dir.GH(), L.P, p0, p1, K.panel, pk.npan, pk.p + sl * pk.pstride);
     }
-    for (int64_t s = L.T - 1; s >= 0; --s) {
+  });
+  return pk;
+}
+
+template <typename T>
+void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& pk, const BwdBufs<T>& bb,
+                    int64_t s0, int64_t s1) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S, panel = K.panel;
+  if (L.proj) total_dh(dir, bb, dir.step(s1 - 1), 0, P);
+  SpinBarrier barrier(S);
+  at::parallel_for(0, S, 1, [&](int64_t sl0, int64_t sl1) {
+    for (int64_t s = s1 - 1; s >= s0; --s) {
       const int64_t t = dir.step(s), b = L.bs[t];
       const BwdArgs<T> a = bwd_args(dir, bb, t);
-      for (int64_t sl = s0; sl < s1; ++sl) {
+      for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [k0, k1] = slice_range(H, sl, S);
-        if (L.proj) K.vecmat(dir.w_hr, H, P, k0, k1, bb.dht + L.offs[t] * P, P, b, bb.dhf, H, false);
+        if (L.proj)
+          K.vecmat(dir.w_hr, H, P, k0, k1, bb.dht + (L.offs[t] - bb.r0) * P, P, b, bb.dhf, H, false);
         K.bwd[L.mode](a, 0, b, k0, k1);
       }
-      barrier.wait(s1 - s0);
+      barrier.wait(sl1 - sl0);
       // Without a projection P == H and the slices match, so each thread next reads only the dh it wrote.
-      for (int64_t sl = s0; sl < s1; ++sl) {
+      for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
-        const RowSrc<T> g{bb.rec(dir, t), bb.ld_rec(dir), b, nullptr, 0};
-        for (int64_t q = 0, c0 = p0; c0 < p1; ++q, c0 += panel)
-          K.panel_gemm(wp + sl * pstride + q * panel * GH, GH, std::min(panel, p1 - c0), g, b, bb.dh + c0, P,
+        const RowSrc<T> g{bb.rec(dir, t), GH, b, nullptr, 0};
+        if (!pk.p) K.vecmat(dir.w_hh, P, GH, p0, p1, bb.rec(dir, t), GH, b, bb.dh, P, L.mode == kGRU);
+        for (int64_t q = 0, c0 = p0; pk.p && c0 < p1; ++q, c0 += panel)
+          K.panel_gemm(pk.p + sl * pk.pstride + q * panel * GH, GH, std::min(panel, p1 - c0), g, b, bb.dh + c0, P,
                        L.mode == kGRU);
-        if (L.proj && s > 0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
+        if (L.proj && s > s0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
       }
-      if (L.proj) barrier.wait(s1 - s0);
+      if (L.proj) barrier.wait(sl1 - sl0);
     }
   });
 }
 
-// h_prev of every step as one matrix [N, P] (the B operand of dW_hh = dG^T H_prev).
+// h_prev of the rows of a chunk as one matrix [rows, P] (the B operand of dW_hh = dG^T H_prev).
 template <typename T>
-Tensor gather_h_prev(const Dir<T>& dir, const at::TensorOptions& opts) {
+void gather_h_prev(const Dir<T>& dir, const Chunk& ch, T* out) {
   const Layout& L = *dir.L;
-  Tensor hp = alloc({L.N, L.P}, opts);
-  T* out = hp.data_ptr<T>();
-  for (int64_t t = 0; t < L.T; ++t) {
+  for (int64_t s = ch.s0; s < ch.s1; ++s) {
+    const int64_t t = dir.step(s);
     const RowSrc<T> src = dir.h_prev(t);
-    for (int64_t j = 0; j < L.bs[t]; ++j) std::memcpy(out + (L.offs[t] + j) * L.P, src.row(j), L.P * sizeof(T));
+    for (int64_t j = 0; j < L.bs[t]; ++j)
+      std::memcpy(out + (L.offs[t] + j - ch.r0) * L.P, src.row(j), L.P * sizeof(T));
   }
-  return hp;
+}
+
+// out = a b, or out += a b after the first chunk.
+void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first) {
+  if (first) at::mm_out(out, a, b);
+  else out.addmm_(a, b);
 }
 
 template <typename T>
@@ -599,7 +712,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const Tensor& reserve_) {
   const KernelTable<T>& K = table<T>();
   const auto ws = contiguous_all(weights);
-  const Tensor x = x_.contiguous(), hx = hx_.contiguous(), y = y_.contiguous(), gy = grad_y_.contiguous();
+  const Tensor x = x_.contiguous(), hx = hx_.contiguous(), y = y_.contiguous();
+  // grad_y as it comes when it is contiguous; else (an expanded tensor, as the gradient of y.sum() is) a
+  // contiguous copy of each chunk's rows, never a copy of the whole.
+  const bool gy_whole = grad_y_.is_contiguous();
+  const Tensor& gy = grad_y_;
   Tensor reserve = reserve_.contiguous();
   const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
   const auto opts = x.options();
@@ -608,41 +725,76 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
               "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
   TORCH_CHECK(gy.sizes() == y.sizes(), "fusedrnn: grad_y should have the shape of y");
 
-  Tensor dg = alloc({L.N, L.D * GH}, opts);
-  Tensor dgh = L.mode == kGRU ? alloc({L.N, GH}, opts) : Tensor();
-  Tensor dht = L.proj ? alloc({L.N, L.P}, opts) : Tensor();
+  std::vector<std::vector<Chunk>> chunks(L.D);
+  int64_t max_rows = 0;
+  for (int64_t d = 0; d < L.D; ++d) {
+    chunks[d] = time_chunks(L, d == 1);
+    for (const Chunk& ch : chunks[d]) max_rows = std::max(max_rows, ch.r1 - ch.r0);
+  }
+  Tensor dg = alloc({max_rows, GH}, opts);
+  Tensor dgh = L.mode == kGRU ? alloc({max_rows, GH}, opts) : Tensor();
+  Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
+  Tensor hprev = alloc({max_rows, L.P}, opts);
   Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
   Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
   Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
                    : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
+  Tensor grad_x = alloc({L.N, L.I}, opts);
   std::vector<Tensor> gw(ws.size());
+  for (size_t i = 0; i < ws.size(); ++i) gw[i] = L.T ? alloc(ws[i].sizes(), opts) : at::zeros_like(ws[i]);
+  if (L.T == 0) grad_x.zero_();
   Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
   for (int64_t d = 0; d < L.D; ++d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, {}, hx, cx, y_mut, reserve);
-    BwdBufs<T> bb{dg.data_ptr<T>(), dgh.defined() ? dgh.data_ptr<T>() : nullptr,
-                  dht.defined() ? dht.data_ptr<T>() : nullptr, dhf.defined() ? dhf.data_ptr<T>() : nullptr,
-                  grad_hx[d].data_ptr<T>(), L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr,
-                  gy.data_ptr<T>()};
-    if (L.T > 0) {
-      if (small_batch(L, false)) backward_small(dir, K, bb);
-      else backward_large(dir, K, bb);
+    const bool small = small_batch(L, false);
+    const Packed<T> pk = small && L.T ? pack_backward(dir, K) : Packed<T>{};
+    Tensor& g_ih = gw[d * L.group + 0];
+    Tensor& g_hh = gw[d * L.group + 1];
+    for (size_t i = 0; i < chunks[d].size(); ++i) {  // the last chunk of the loop first
+      const Chunk& ch = chunks[d][chunks[d].size() - 1 - i];
+      const int64_t rows = ch.r1 - ch.r0;
+      const bool first = i == 0;
+      BwdBufs<T> bb{dg.data_ptr<T>(), dgh.defined() ? dgh.data_ptr<T>() : nullptr,
+                    dht.defined() ? dht.data_ptr<T>() : nullptr, ch.r0,
+                    dhf.defined() ? dhf.data_ptr<T>() : nullptr, grad_hx[d].data_ptr<T>(),
+                    L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr, RowBuf<const T>{}};
+      Tensor gy_chunk;
+      if (gy_whole) {
+        bb.gy = {gy.data_ptr<T>(), L.D * L.P, 0};
+      } else {
+        gy_chunk = gy.narrow(0, ch.r0, rows).contiguous();
+        bb.gy = {gy_chunk.data_ptr<T>(), L.D * L.P, ch.r0};
+      }
+      if (small) backward_small(dir, K, pk, bb, ch.s0, ch.s1);
+      else backward_large(dir, K, bb, ch.s0, ch.s1);
+      // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
+      const Tensor dg_c = dg.narrow(0, 0, rows);
+      const Tensor dg_rec = dgh.defined() ? dgh.narrow(0, 0, rows) : dg_c;
+      gather_h_prev(dir, ch, hprev.data_ptr<T>());
+      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows), first);
+      mm_acc(g_hh, dg_rec.t(), hprev.narrow(0, 0, rows), first);
+      Tensor gx = grad_x.narrow(0, ch.r0, rows);
+      if (d == 0) at::mm_out(gx, dg_c, L.w_ih(ws, d));
+      else gx.addmm_(dg_c, L.w_ih(ws, d));
+      if (L.bias) {
+        Tensor& g_b = gw[d * L.group + 2];
+        if (first) at::sum_out(g_b, dg_c, at::IntArrayRef{0});
+        else g_b.add_(dg_c.sum(0));
+        if (dgh.defined()) {
+          Tensor& g_bh = gw[d * L.group + 3];
+          if (first) at::sum_out(g_bh, dg_rec, at::IntArrayRef{0});
+          else g_bh.add_(dg_rec.sum(0));
+        }
+      }
+      if (L.proj) {
+        const Tensor r = reserve[d].narrow(0, ch.r0, rows);
+        const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
+        mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first);
+      }
     }
-    const Tensor dg_d = dg.narrow(1, d * GH, GH);
-    const Tensor dg_rec = dgh.defined() ? dgh : dg_d;
-    gw[d * L.group + 0] = dg_d.t().mm(x);
-    gw[d * L.group + 1] = dg_rec.t().mm(gather_h_prev(dir, opts));
-    if (L.bias) {
-      gw[d * L.group + 2] = dg_d.sum(0);
-      // LSTM and RNN: both biases get the same gradient (one pass over dG, not two).
-      gw[d * L.group + 3] = dgh.defined() ? dg_rec.sum(0) : gw[d * L.group + 2].clone();
-    }
-    if (L.proj) {
-      const Tensor r = reserve[d];
-      const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
-      gw[d * L.group + L.group - 1] = dht.t().mm(h_full);
-    }
+    // LSTM and RNN: both biases get the same gradient (one pass over dG, not two).
+    if (L.bias && !dgh.defined() && L.T) gw[d * L.group + 3].copy_(gw[d * L.group + 2]);
   }
-  Tensor grad_x = dg.mm(cat_w_ih(L, ws));
   return {grad_x, grad_hx, grad_cx, gw};
 }
 

@@ -98,23 +98,39 @@ def targets_table(res: dict) -> str | None:
         for mode in ("fwd", "fwdbwd"):
             r = d.get(mode)
             if r is None:
-                cells += ["-", "-", "-"]
+                cells += ["-", "-", "-", "-"]
                 continue
             imp = r["impls"].get(primary) if primary else None
             s = imp.get("speedup") if imp else None
             meas = (f"{s['median']:.2f}x ({s['q1']:.2f}–{s['q3']:.2f})" if s else
                     (f"*{imp['status']}*" if imp else "not run"))
-            cells += [f"{r['target']:.1f}x", meas, mark(r.get("met"))]
+            c = ceiling(r)
+            cells += [f"{r['target']:.1f}x", meas, f"{c:.2f}x" if c else "-", mark(r.get("met"))]
         out.append(cells)
     judged = [d[m].get("met") for d in by_case.values() for m in ("fwd", "fwdbwd") if d.get(m)]
     met = sum(1 for x in judged if x)
     measured = sum(1 for x in judged if x is not None)
     unmeasured = len(judged) - measured
-    head = ["case", "fwd target", f"fwd {primary}", "", "fwd+bwd target", f"fwd+bwd {primary}", ""]
+    head = ["case", "fwd target", f"fwd {primary}", "ceiling", "", "fwd+bwd target", f"fwd+bwd {primary}", "ceiling",
+            ""]
     return (f"Speed-up of `{primary}` over torch.nn (median of per-round ratios, IQR in brackets): "
             f"**{met} of {measured} measured targets met**"
-            + (f" ({unmeasured} of {len(judged)} not measured)" if unmeasured else "") + ".\n\n"
-            + md_table(head, out, ["l"] + ["r", "r", "l"] * 2))
+            + (f" ({unmeasured} of {len(judged)} not measured)" if unmeasured else "") + ". "
+            + CEILING_NOTE + "\n\n"
+            + md_table(head, out, ["l"] + ["r", "r", "r", "l"] * 2))
+
+
+CEILING_NOTE = ("Ceiling: the speed-up a backend would reach if its GEMMs ran at this machine's GEMM peak and "
+                "everything else (gates, synchronisation, memory traffic) were free, i.e. 1 / torch.nn's fraction "
+                "of the peak; a target above it cannot be met on this machine.")
+
+
+def ceiling(row: dict) -> float | None:
+    """1 / (torch.nn's fraction of the GEMM peak) for a (case, mode) row: the best speed-up over torch.nn that any
+    implementation doing the same GEMM flops can reach on this machine."""
+    nn = row["impls"].get("torch")
+    f = nn.get("peak_frac") if nn and nn.get("status") == "ok" else None
+    return 1.0 / f if f else None
 
 
 def summary_table(res: dict) -> str | None:
