@@ -76,6 +76,9 @@ def _worker(rank, world, port, out_dir):
             result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         if rank == 0:
             torch.save(result, os.path.join(out_dir, "fsdp.pt"))
+        # Both ranks are done with every collective before either tears the group down: gloo aborts a process
+        # whose peer closes the connection while it still has work in flight.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
