@@ -150,16 +150,20 @@ def test_both_time_loops(mode, case, loop, monkeypatch):
     assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
 
 
+@pytest.mark.parametrize("dirs", ["parallel", "serial"])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 9])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (2, 4, [7, 6, 2, 2], 3)),
                                        ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (2, 3, [6, 4, 4], 0))])
-def test_time_chunks(mode, case, loop, chunk_rows, monkeypatch):
+def test_time_chunks(mode, case, loop, chunk_rows, dirs, monkeypatch):
     """The loops run the sequence in chunks of about FUSEDRNN_CPU_CHUNK_ROWS packed rows (inference: the input
     projections chunk by chunk; backward: the gate gradients and the weight-gradient GEMMs): one row (a chunk per
     step), a few rows (chunks of several steps, a short tail merged into the chunk before it), and more rows
-    than the sequence has (one chunk) give the same forward (train and inference) and backward."""
+    than the sequence has (one chunk) give the same forward (train and inference) and backward; with the two
+    directions of the persistent loop on threads of their own (FUSEDRNN_CPU_DIRS=parallel) or one after the
+    other."""
     monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    monkeypatch.setenv("FUSEDRNN_CPU_DIRS", dirs)
     D, B, lengths, proj = case
     args, grads = make_case(mode, D, B, lengths, I=5, H=24, proj=proj, dtype=torch.float64)
     ref = run("reference", args, grads)
@@ -281,3 +285,34 @@ def test_tanh_accuracy(capability):
     ulp = (torch.nextafter(r32, torch.tensor(float("inf"))) - r32).double()
     err = ((y[finite].double() - ref[finite]).abs() / ulp).max().item()
     assert err <= 2.0, f"tanh: {err:.2f} ulp"
+
+
+@pytest.mark.parametrize("dirs", ["parallel", "serial"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_directions_on_threads_through_the_module(kind, dirs, monkeypatch):
+    """A bidirectional module whose parameters require grad, the directions on threads of their own: the ATen ops
+    the workers call (chunk GEMMs, weight gradients) run with the caller's autograd state, and forward and every
+    gradient match torch.nn in float64."""
+    import fusedrnn
+    monkeypatch.setenv("FUSEDRNN_CPU_DIRS", dirs)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "7")  # several chunks, so the inference path chunks too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        ref = getattr(torch.nn, kind)(5, 12, num_layers=2, bidirectional=True).double()
+        ours = getattr(fusedrnn, kind)(5, 12, num_layers=2, bidirectional=True, backend="cpu").double()
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(6, 4, 5, dtype=torch.float64)
+        outs = []
+        for m in (ref, ours):
+            xx = x.clone().requires_grad_()
+            y, _ = m(xx)
+            (y * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).sum().backward()
+            with torch.no_grad():
+                y_inf, _ = m(x)
+            outs.append([y, y_inf, xx.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)

@@ -14,8 +14,10 @@
 // Backward runs the time loop once (fused gate gradients, the recurrent product dG W_hh per step) and computes
 // the weight gradients after the loop as large GEMMs (dW_ih = dG^T x, dW_hh = dG^T H_prev, H_prev gathered).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -239,6 +241,38 @@ bool small_batch(const Layout& L, bool forward) {
   if (forward) return true;
   const int64_t slice_bytes = L.G * L.H * L.P * static_cast<int64_t>(sizeof(float)) / small_slices(L);
   return slice_bytes <= kPersistentMaxSliceBytes;
+}
+
+// Bidirectional layers on 2 or 3 threads: each direction runs whole on a thread of its own (its persistent loop
+// with one slice), so no step waits at a barrier and no thread reads the h another wrote; the other direction's
+// work is the same size, so neither waits long at the end. Each thread then streams all of its direction's W_hh
+// every step, which pays while that fits the thread's L2 cache. More threads: the directions one after the
+// other, each over all threads. FUSEDRNN_CPU_DIRS=parallel|serial overrides (tests run both).
+bool directions_in_parallel(const Layout& L, bool small, size_t elem_bytes) {
+  if (L.D != 2 || !small || L.T == 0 || at::in_parallel_region()) return false;
+  if (const char* e = std::getenv("FUSEDRNN_CPU_DIRS")) {
+    if (std::strcmp(e, "parallel") == 0) return true;
+    if (std::strcmp(e, "serial") == 0) return false;
+  }
+  const int threads = at::get_num_threads();
+  if (threads < 2 || threads > 3) return false;
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(512) * 1024;
+  }();
+  return L.G * L.H * L.P * static_cast<int64_t>(elem_bytes) <= l2 / 2;
+}
+
+// Runs fn(i) for i in [0, n) on the intra-op threads, one task a thread. The tasks call ATen ops, so each worker
+// takes the caller's thread-local state first (at::parallel_for does not carry it): without it a worker runs
+// them with grad mode on and the autograd keys active, and an out= op on a parameter that requires grad fails.
+template <typename F>
+void in_threads(int64_t n, const F& fn) {
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t i = i0; i < i1; ++i) fn(i);
+  });
 }
 
 // Runs fn(j0, j1) over rows [0, b), split across threads when the step has enough elements to pay for it.
@@ -513,13 +547,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const bool in_reserve = train && L.R >= GH;
   if (in_reserve)
     for (int64_t d = 0; d < L.D; ++d) input_projection(reserve[d].narrow(1, 0, GH), x, L.w_ih(ws, d), bias_d(d));
-  std::vector<std::vector<Chunk>> chunks(L.D);
-  int64_t max_rows = 0;
-  for (int64_t d = 0; d < L.D; ++d) {
-    chunks[d] = in_reserve ? std::vector<Chunk>{{0, L.T, 0, L.N}} : time_chunks(L, d == 1);
-    for (const Chunk& ch : chunks[d]) max_rows = std::max(max_rows, ch.r1 - ch.r0);
-  }
-  Tensor xg = in_reserve ? Tensor() : alloc({max_rows, GH}, opts);
   std::vector<Tensor> b_hn;
   if (L.mode == kGRU && L.bias)
     for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
@@ -527,25 +554,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   Tensor y = alloc({L.N, L.D * L.P}, opts);
   Tensor hy = hx.clone();
   Tensor cy = L.mode == kLSTM ? cx.clone() : at::empty({0}, opts);
-  for (int64_t d = 0; d < L.D; ++d) {
+  const bool small = small_batch(L, true);
+  auto run_direction = [&](int64_t d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, hx, cx, y, reserve);
     T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
     T* h = hy[d].data_ptr<T>();
     const FwdScratch<T> scratch(L);
-    const bool small = small_batch(L, true);
     const Packed<T> pk = small ? pack_forward(dir, K) : Packed<T>{};
-    for (const Chunk& ch : chunks[d]) {
-      RowBuf<T> buf{nullptr, GH, ch.r0};
-      if (in_reserve) {
-        buf = {reserve[d].data_ptr<T>(), L.R, 0};
-      } else {
-        Tensor part = xg.narrow(0, 0, ch.r1 - ch.r0);
-        input_projection(part, x.narrow(0, ch.r0, ch.r1 - ch.r0), L.w_ih(ws, d), bias_d(d));
-        buf.p = part.data_ptr<T>();
-      }
+    if (in_reserve) {
+      const RowBuf<T> buf{reserve[d].data_ptr<T>(), L.R, 0};
+      if (small) forward_small(dir, K, pk, buf, 0, L.T, h, c, scratch);
+      else forward_large(dir, K, buf, 0, L.T, h, c, scratch);
+      return;
+    }
+    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
+    int64_t max_rows = 0;
+    for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
+    Tensor xg = alloc({max_rows, GH}, opts);
+    for (const Chunk& ch : chunks) {
+      Tensor part = xg.narrow(0, 0, ch.r1 - ch.r0);
+      input_projection(part, x.narrow(0, ch.r0, ch.r1 - ch.r0), L.w_ih(ws, d), bias_d(d));
+      const RowBuf<T> buf{part.data_ptr<T>(), GH, ch.r0};
       if (small) forward_small(dir, K, pk, buf, ch.s0, ch.s1, h, c, scratch);
       else forward_large(dir, K, buf, ch.s0, ch.s1, h, c, scratch);
     }
+  };
+  if (directions_in_parallel(L, small, sizeof(T))) {
+    in_threads(L.D, run_direction);
+  } else {
+    for (int64_t d = 0; d < L.D; ++d) run_direction(d);
   }
   return {y, hy, cy, reserve};
 }
@@ -725,17 +762,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
               "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
   TORCH_CHECK(gy.sizes() == y.sizes(), "fusedrnn: grad_y should have the shape of y");
 
-  std::vector<std::vector<Chunk>> chunks(L.D);
-  int64_t max_rows = 0;
-  for (int64_t d = 0; d < L.D; ++d) {
-    chunks[d] = time_chunks(L, d == 1);
-    for (const Chunk& ch : chunks[d]) max_rows = std::max(max_rows, ch.r1 - ch.r0);
-  }
-  Tensor dg = alloc({max_rows, GH}, opts);
-  Tensor dgh = L.mode == kGRU ? alloc({max_rows, GH}, opts) : Tensor();
-  Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
-  Tensor hprev = alloc({max_rows, L.P}, opts);
-  Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
   Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
   Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
                    : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
@@ -743,15 +769,26 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   std::vector<Tensor> gw(ws.size());
   for (size_t i = 0; i < ws.size(); ++i) gw[i] = L.T ? alloc(ws[i].sizes(), opts) : at::zeros_like(ws[i]);
   if (L.T == 0) grad_x.zero_();
+  const bool small = small_batch(L, false);
+  const bool parallel_dirs = directions_in_parallel(L, small, sizeof(T));
+  // Directions on their own threads cannot both accumulate into grad_x: the reverse one writes its own copy.
+  Tensor grad_x_rev = parallel_dirs && L.T ? alloc({L.N, L.I}, opts) : Tensor();
   Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
-  for (int64_t d = 0; d < L.D; ++d) {
+  auto run_direction = [&](int64_t d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, {}, hx, cx, y_mut, reserve);
-    const bool small = small_batch(L, false);
+    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
+    int64_t max_rows = 0;
+    for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
+    Tensor dg = alloc({max_rows, GH}, opts);
+    Tensor dgh = L.mode == kGRU ? alloc({max_rows, GH}, opts) : Tensor();
+    Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
+    Tensor hprev = alloc({max_rows, L.P}, opts);
+    Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
     const Packed<T> pk = small && L.T ? pack_backward(dir, K) : Packed<T>{};
     Tensor& g_ih = gw[d * L.group + 0];
     Tensor& g_hh = gw[d * L.group + 1];
-    for (size_t i = 0; i < chunks[d].size(); ++i) {  // the last chunk of the loop first
-      const Chunk& ch = chunks[d][chunks[d].size() - 1 - i];
+    for (size_t i = 0; i < chunks.size(); ++i) {  // the last chunk of the loop first
+      const Chunk& ch = chunks[chunks.size() - 1 - i];
       const int64_t rows = ch.r1 - ch.r0;
       const bool first = i == 0;
       BwdBufs<T> bb{dg.data_ptr<T>(), dgh.defined() ? dgh.data_ptr<T>() : nullptr,
@@ -773,9 +810,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       gather_h_prev(dir, ch, hprev.data_ptr<T>());
       mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows), first);
       mm_acc(g_hh, dg_rec.t(), hprev.narrow(0, 0, rows), first);
-      Tensor gx = grad_x.narrow(0, ch.r0, rows);
-      if (d == 0) at::mm_out(gx, dg_c, L.w_ih(ws, d));
-      else gx.addmm_(dg_c, L.w_ih(ws, d));
+      Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
+      mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
       if (L.bias) {
         Tensor& g_b = gw[d * L.group + 2];
         if (first) at::sum_out(g_b, dg_c, at::IntArrayRef{0});
@@ -794,6 +830,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     }
     // LSTM and RNN: both biases get the same gradient (one pass over dG, not two).
     if (L.bias && !dgh.defined() && L.T) gw[d * L.group + 3].copy_(gw[d * L.group + 2]);
+  };
+  if (parallel_dirs) {
+    in_threads(L.D, run_direction);
+    if (grad_x_rev.defined()) grad_x.add_(grad_x_rev);
+  } else {
+    for (int64_t d = 0; d < L.D; ++d) run_direction(d);
   }
   return {grad_x, grad_hx, grad_cx, gw};
 }
