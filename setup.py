@@ -60,7 +60,8 @@ def _cuda_extensions():
     it runs from, which sees through wrapper scripts such as a /usr/local/bin/nvcc that execs the real one), else
     from the resolved nvcc path. torch.utils.cpp_extension guesses CUDA_HOME at import as dirname(dirname(which
     nvcc)), wrong for such a wrapper, so the root found here is handed to it. TORCH_CUDA_ARCH_LIST defaults to
-    "8.0;9.0+PTX" (sm_80, sm_90 machine code, PTX for later GPUs); MAX_JOBS caps ninja's parallel jobs as usual.
+    "8.0;8.6;9.0+PTX" (sm_80, sm_86, sm_90 machine code, PTX for later GPUs); MAX_JOBS caps ninja's parallel jobs
+    as usual.
     No --use_fast_math: the kernels are memory-bound and the recurrence feeds exp/tanh results back every step."""
     import glob
     import subprocess
@@ -107,7 +108,7 @@ def _cuda_extensions():
         return skip("no CUDA toolkit found (set CUDA_HOME to the toolkit root, or put nvcc on PATH)")
     os.environ["CUDA_HOME"] = root
     cpp_ext.CUDA_HOME = root
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0+PTX")
 
     # torch's CUDA headers include cuBLAS/cuSPARSE headers that a minimal toolkit may lack; torch's own pip
     # dependencies (site-packages/nvidia/*/include) carry them. -isystem puts them after the toolkit's -I.

@@ -4,7 +4,7 @@
 # extension loads without a driver; running the kernels is tests/test_cuda.py's job on a GPU runner.
 #
 #   .ci/cuda_build.sh [VENV]     (default: a fresh venv in the work folder; an existing one is reused)
-# Environment: TORCH_SPEC (torch==2.14.1), MAX_JOBS (2), TORCH_CUDA_ARCH_LIST (8.0;9.0+PTX), CUDA_HOME (found from
+# Environment: TORCH_SPEC (torch==2.14.1), MAX_JOBS (2), TORCH_CUDA_ARCH_LIST (8.0;8.6;9.0+PTX), CUDA_HOME (found from
 # nvcc otherwise), FUSEDRNN_CI_WORK (a folder for the copy of the sources, the build and the wheel; default mktemp).
 # The sources are copied out of the checkout first, so nothing is built inside it (no build/, dist/ or .so there).
 set -euo pipefail
@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${FUSEDRNN_CI_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/fusedrnn-cuda-ci.XXXXXX")}
 VENV=${1:-$WORK/venv}
 export MAX_JOBS=${MAX_JOBS:-2}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;8.6;9.0+PTX}
 export FUSEDRNN_FORCE_CUDA=1   # a missing toolkit is an error here, not a silent CPU-only build
 START=$(date +%s)
 step() { echo "== [$(( $(date +%s) - START )) s] $*"; }
