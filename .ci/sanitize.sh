@@ -39,7 +39,9 @@ echo "sanitize: building fusedrnn._C with $SAN in $SRC"
     || { tail -40 "$WORK/build.log"; echo "sanitize: build failed (log: $WORK/build.log)" >&2; exit 2; }
 )
 ls "$SRC"/fusedrnn/_C*.so >/dev/null
-nm -D "$SRC"/fusedrnn/_C*.so | grep -q __asan_ || { echo "sanitize: the extension is not instrumented" >&2; exit 2; }
+# (nm's output read whole first: `nm | grep -q` under pipefail fails whenever grep exits before nm has written all)
+syms=$(nm -D "$SRC"/fusedrnn/_C*.so)
+grep -q __asan_ <<<"$syms" || { echo "sanitize: the extension is not instrumented" >&2; exit 2; }
 built=$(date +%s)
 
 # 3. The tests, with the instrumented copy first on the path.
