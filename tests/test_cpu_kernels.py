@@ -150,20 +150,23 @@ def test_both_time_loops(mode, case, loop, monkeypatch):
     assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
 
 
-@pytest.mark.parametrize("dirs", ["parallel", "serial"])
+@pytest.mark.parametrize("schedule", ["dirs-parallel", "dirs-serial", "batch-split"])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 9])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (2, 4, [7, 6, 2, 2], 3)),
-                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (2, 3, [6, 4, 4], 0))])
-def test_time_chunks(mode, case, loop, chunk_rows, dirs, monkeypatch):
+                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (2, 3, [6, 4, 4], 0)),
+                                       ("lstm", (1, 7, [9, 9, 8, 6, 6, 2, 1], 4)), ("gru", (1, 3, None, 0))])
+def test_time_chunks(mode, case, loop, chunk_rows, schedule, monkeypatch):
     """The loops run the sequence in chunks of about FUSEDRNN_CPU_CHUNK_ROWS packed rows (inference: the input
     projections chunk by chunk; backward: the gate gradients and the weight-gradient GEMMs): one row (a chunk per
     step), a few rows (chunks of several steps, a short tail merged into the chunk before it), and more rows
-    than the sequence has (one chunk) give the same forward (train and inference) and backward; with the two
-    directions of the persistent loop on threads of their own (FUSEDRNN_CPU_DIRS=parallel) or one after the
-    other."""
+    than the sequence has (one chunk) give the same forward (train and inference) and backward; with the
+    persistent loop's threads on the two directions (FUSEDRNN_CPU_DIRS=parallel), on slices of hidden units
+    (serial directions) or on blocks of batch rows (FUSEDRNN_CPU_SPLIT=batch; uneven lengths: blocks of unequal
+    row counts, some of whose sequences end, or in reverse begin, before others')."""
     monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
-    monkeypatch.setenv("FUSEDRNN_CPU_DIRS", dirs)
+    monkeypatch.setenv("FUSEDRNN_CPU_DIRS", "parallel" if schedule == "dirs-parallel" else "serial")
+    monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", "batch" if schedule == "batch-split" else "hidden")
     D, B, lengths, proj = case
     args, grads = make_case(mode, D, B, lengths, I=5, H=24, proj=proj, dtype=torch.float64)
     ref = run("reference", args, grads)
