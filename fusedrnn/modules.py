@@ -6,7 +6,8 @@ torch.nn, plus a `backend` keyword ("auto" by default). The sequence modules der
 isinstance check in torch/_dynamo/variables/builder.py), while RNNBase gives the same parameter machinery and stays
 compilable. So `isinstance(m, nn.RNNBase)` holds and `isinstance(m, nn.LSTM)` does not.
 
-Every layer runs as one `torch.ops.fusedrnn.rnn_layer` call (fusedrnn/ops.py); weights are read by name at every
+Every layer runs as one `torch.ops.fusedrnn.rnn_layer` call (fusedrnn/ops.py; in plain eager mode through
+ops.layer, an autograd.Function, the same code without the op's dispatch); weights are read by name at every
 forward, so parametrizations (weight_norm, ...) and `functional_call` see current values.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import ops  # noqa: F401  (registers torch.ops.fusedrnn.*)
+from .ops import layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
 from .backends import check_backend_name, resolve
 from .onnx import export_forward
@@ -149,7 +150,7 @@ class _FusedRNNBase(nn.RNNBase):
         hys, cys = [], []
         for layer in range(self.num_layers):
             sl = slice(layer * D, (layer + 1) * D)
-            x, hy, cy, _ = torch.ops.fusedrnn.rnn_layer(
+            x, hy, cy, _ = run_layer(
                 mode, x, batch_sizes, hx[sl], cx[sl] if cx is not None else None, weights[layer], self.bias, D,
                 train, backend)
             hys.append(hy)
@@ -342,7 +343,7 @@ class _FusedCellBase(nn.RNNCellBase):
         backend = resolve(self.backend, input.device, input.dtype, self._mode, False)
         steps = torch.full((1,), input.size(0), dtype=torch.int64)
         cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
-        _, hy, cy, _ = torch.ops.fusedrnn.rnn_layer(
+        _, hy, cy, _ = run_layer(
             self._mode, input, steps, hx[0].unsqueeze(0), cx, weights, self.bias, 1,
             _needs_grad([input, *hx, *weights]), backend)
         out = (hy[0], cy[0]) if self._mode == "lstm" else (hy[0],)

@@ -29,12 +29,8 @@ def _impl(backend: str, x: Tensor):
     return get_backend("reference" if x.shape[0] == 0 else backend)
 
 
-@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=())
-def rnn_layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor],
-              has_biases: bool, num_directions: int, train: bool, backend: str
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x [N, I], batch_sizes [T] (int64, CPU), hx [D, B, P], cx [D, B, H] (LSTM) or None, weights per direction
-    (w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> y [N, D*P], hy [D, B, P], cy [D, B, H] or [0], reserve [D, N, R] or [0]."""
+def _layer_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend):
+    """The body of rnn_layer (and of the eager path, _EagerLayer)."""
     if backend not in _CHECKS_BATCH_SIZES:
         check_batch_sizes(batch_sizes.tolist(), hx.shape[1], x.shape[0])
     out = tuple(_impl(backend, x).forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train))
@@ -42,6 +38,15 @@ def rnn_layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optiona
         debug.check_written(backend, "rnn_layer", [x, hx, cx, weights],
                             {"y": out[0], "hy": out[1], "cy": out[2], "reserve": out[3]})
     return out
+
+
+@torch.library.custom_op("fusedrnn::rnn_layer", mutates_args=())
+def rnn_layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor],
+              has_biases: bool, num_directions: int, train: bool, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [N, I], batch_sizes [T] (int64, CPU), hx [D, B, P], cx [D, B, H] (LSTM) or None, weights per direction
+    (w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> y [N, D*P], hy [D, B, P], cy [D, B, H] or [0], reserve [D, N, R] or [0]."""
+    return _layer_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend)
 
 
 def _hidden_size(mode: str, weights) -> int:
@@ -59,6 +64,17 @@ def _rnn_layer_fake(mode, x, batch_sizes, hx, cx, weights, has_biases, num_direc
     return y, hy, cy, reserve
 
 
+def _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
+                    reserve, backend):
+    """The body of rnn_layer_backward (and of the eager path's backward)."""
+    gx, ghx, gcx, gws = _impl(backend, x).backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
+                                                   has_biases, num_directions, y, reserve)
+    if debug.nan_fill_enabled():
+        debug.check_written(backend, "rnn_layer_backward", [grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve],
+                            {"grad_x": gx, "grad_hx": ghx, "grad_cx": gcx, "grad_weights": list(gws)})
+    return gx, ghx, gcx, list(gws)
+
+
 @torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=())
 def rnn_layer_backward(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tensor, x: Tensor, batch_sizes: Tensor,
                        hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], has_biases: bool,
@@ -66,12 +82,8 @@ def rnn_layer_backward(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tens
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """grad_y [N, D*P], grad_hy [D, B, P], grad_cy [D, B, H] or [0] -> grad_x [N, I], grad_hx [D, B, P],
     grad_cx [D, B, H] or [0], weight grads shaped as `weights`."""
-    gx, ghx, gcx, gws = _impl(backend, x).backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
-                                                   has_biases, num_directions, y, reserve)
-    if debug.nan_fill_enabled():
-        debug.check_written(backend, "rnn_layer_backward", [grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve],
-                            {"grad_x": gx, "grad_hx": ghx, "grad_cx": gcx, "grad_weights": list(gws)})
-    return gx, ghx, gcx, list(gws)
+    return _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
+                           num_directions, y, reserve, backend)
 
 
 @rnn_layer_backward.register_fake
@@ -93,11 +105,15 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve):
+def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve, forward=None, backward=None):
+    """The layer's gradients, in the op's argument order. forward / backward: what computes them (default: the
+    ops, as autograd of the op must; the eager path passes the plain bodies)."""
+    forward = forward or torch.ops.fusedrnn.rnn_layer
+    backward = backward or torch.ops.fusedrnn.rnn_layer_backward
     x, batch_sizes, hx, cx, y, reserve, *weights = ctx.saved_tensors
     if not ctx.train:  # the forward kept no reserve (the modules never do this): recompute it
-        y, _, _, reserve = torch.ops.fusedrnn.rnn_layer(ctx.mode, x, batch_sizes, hx, cx, weights, ctx.has_biases,
-                                                        ctx.num_directions, True, ctx.backend)
+        y, _, _, reserve = forward(ctx.mode, x, batch_sizes, hx, cx, weights, ctx.has_biases, ctx.num_directions, True,
+                                   ctx.backend)
     if grad_y is None:
         grad_y = torch.zeros_like(y)
     if grad_hy is None:
@@ -107,13 +123,80 @@ def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve):
             grad_cy = torch.zeros_like(cx)
     else:
         grad_cy = x.new_zeros(0)
-    gx, ghx, gcx, gws = torch.ops.fusedrnn.rnn_layer_backward(
-        ctx.mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ctx.has_biases, ctx.num_directions, y,
-        reserve, ctx.backend)
+    gx, ghx, gcx, gws = backward(ctx.mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ctx.has_biases,
+                                 ctx.num_directions, y, reserve, ctx.backend)
     return (None, gx, None, ghx, gcx if ctx.mode == "lstm" else None, list(gws), None, None, None, None)
 
 
 rnn_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------- eager path
+# In plain eager mode the layer runs through this autograd.Function instead of the custom op: the same bodies, the
+# same saved tensors and gradients, without the custom op's Python dispatch (argument pytrees, defaults, the dynamo
+# wrapper), which costs about 60 us a forward call and 250 us a forward+backward, as much as a whole small layer
+# (an LSTMCell step in a decoder loop). Whenever something may be watching the op itself (torch.compile / export,
+# TorchScript tracing, a torch function or dispatch mode such as FakeTensorMode, a functorch transform, tensor
+# subclasses), `layer` calls the op as before.
+
+class _EagerLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights):
+        inputs = (mode, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, train, backend)
+        out = _layer_forward(*inputs)
+        _setup_context(ctx, inputs, out)
+        ctx.mark_non_differentiable(out[3])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve):
+        with torch.no_grad():
+            _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
+                                                    _layer_backward)
+        grads = (gx, ghx, gcx, *gws)
+        if torch.is_grad_enabled():  # create_graph=True: gradients that refuse a second backward, as the op's do
+            grads = _NoDoubleBackward.apply(len(grads), *grads, *ctx.saved_tensors)
+        gx, ghx, gcx, *gws = grads
+        return (None, gx, None, ghx, gcx, None, None, None, None, *gws)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the layer's gradients whose own backward raises: backward through a layer's backward is not
+    implemented (the custom op says so the same way), and gradients without a graph would make a loss built on
+    them (a gradient penalty) silently miss that term."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        """tensors: the n gradients, then the layer's saved inputs (what makes the results part of the graph)."""
+        return tuple(g.view_as(g) if g is not None else None for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("fusedrnn: double backward (a backward through the gradients of an RNN layer, as "
+                           "create_graph=True asks for) is not implemented")
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(tensors) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor],
+          has_biases: bool, num_directions: int, train: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer: torch.ops.fusedrnn.rnn_layer (same arguments and results), through the eager path when nothing
+    but eager autograd is running (see above)."""
+    if _plain_eager((x, batch_sizes, hx, cx, *weights)):
+        return _EagerLayer.apply(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights)
+    return torch.ops.fusedrnn.rnn_layer(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train,
+                                        backend)
 
 
 # ---------------------------------------------------------------------------------------------------- packing

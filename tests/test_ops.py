@@ -147,3 +147,75 @@ def test_layer_op_rejects_inconsistent_batch_sizes(backend):
         args[2] = torch.tensor(bs)
         with pytest.raises(RuntimeError, match="batch_sizes"):
             torch.ops.fusedrnn.rnn_layer(*args)
+
+
+# ---- the eager path (fusedrnn.ops.layer) ----------------------------------------------------------------------
+
+class _Watching(torch.overrides.TorchFunctionMode):
+    """A torch function mode that changes nothing: while it is active, something may be watching the op calls,
+    so the modules must call the custom op itself."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _node_names(fn):
+    """Class names of every autograd node reachable from fn."""
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        todo += [n for n, _ in f.next_functions]
+    return {type(f).__name__ for f in seen}
+
+
+def _run_module(kind, backend, watch, **kw):
+    torch.manual_seed(0)
+    m = getattr(fusedrnn, kind)(3, 5, backend=backend, **kw).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    ctx = _Watching() if watch else torch.enable_grad()
+    with ctx:
+        y, _ = m(x)
+        kinds = _node_names(y.grad_fn)
+        (y * torch.arange(y.numel(), dtype=torch.float64).view_as(y).sin()).sum().backward()
+    return kinds, [y.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("kind,kw", [("LSTM", {"num_layers": 2, "bidirectional": True}), ("LSTM", {"proj_size": 2}),
+                                     ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
+def test_eager_path_equals_the_op_bitwise(kind, kw, backend):
+    """Plain eager autograd runs the layer through ops._EagerLayer, anything watching (here a torch function mode)
+    through the custom op; both give bitwise the same outputs and gradients."""
+    eager_kinds, eager = _run_module(kind, backend, watch=False, **kw)
+    op_kinds, op = _run_module(kind, backend, watch=True, **kw)
+    assert "_EagerLayerBackward" in eager_kinds and "_EagerLayerBackward" not in op_kinds
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_is_left_under_fake_tensors_and_dispatch_modes():
+    """Under FakeTensorMode (a dispatch mode) the modules call the op, whose fake gives the shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    m = fusedrnn.GRU(3, 5, num_layers=2)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(4, 2, 3))
+        y, h = m(x)
+    assert y.shape == (4, 2, 5) and h.shape == (2, 2, 5)
+    assert type(y).__name__ == "FakeTensor"
+
+
+@pytest.mark.parametrize("watch", [False, True], ids=["eager", "op"])
+def test_double_backward_is_a_clear_error(watch):
+    """create_graph=True gives gradients with a graph (so a loss built on them is not silently short of a term),
+    and a backward through them raises, on both paths."""
+    m = fusedrnn.LSTM(3, 4, backend="reference").double()
+    x = torch.randn(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    with _Watching() if watch else torch.enable_grad():
+        y, _ = m(x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        assert g.requires_grad
+        with pytest.raises(RuntimeError, match="double backward|no autograd formula"):
+            (g ** 2).sum().backward()
