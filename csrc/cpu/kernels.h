@@ -29,7 +29,9 @@ struct RowSrc {
 template <typename T>
 struct FwdArgs {
   int64_t H = 0;
-  T* pre = nullptr; int64_t ld_pre = 0;        // [b, G*H] pre-activations (GRU: input side + b_ih + b_hr,b_hz)
+  T* pre = nullptr; int64_t ld_pre = 0;        // [b, G*H] pre-activations without biases (GRU: input side)
+  const T* bias = nullptr;                     // [G*H] biases added to pre (LSTM/RNN b_ih + b_hh; GRU b_ih +
+                                               // (b_hr, b_hz, 0)), or nullptr
   const T* hg = nullptr; int64_t ld_hg = 0;    // GRU [b, 3H]: h_prev W_hh^T (no bias)
   const T* b_hn = nullptr;                     // GRU [H] or nullptr (no biases)
   RowSrc<T> hprev;                             // GRU: h_prev rows [b, H]

@@ -79,6 +79,13 @@ inline Vec<T> grad_h(const BwdArgs<T>& a, int64_t j, int64_t k, int64_t n) {
   return a.dh2 ? dh + ld(a.dh2 + j * a.ld_dh2 + k, n) : dh;
 }
 
+// Pre-activation columns [col, col+n) of a row p of FwdArgs::pre, plus the biases.
+template <typename T>
+inline Vec<T> pre_at(const FwdArgs<T>& a, const T* p, int64_t col, int64_t n) {
+  const Vec<T> v = ld(p + col, n);
+  return a.bias ? v + ld(a.bias + col, n) : v;
+}
+
 // Writes the new h at row j, columns [k, k+n), to out and, if given, out2.
 template <typename T>
 inline void store_h(const FwdArgs<T>& a, int64_t j, int64_t k, const Vec<T>& h, int64_t n) {
@@ -98,10 +105,10 @@ void lstm_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k
     T* r = a.res ? a.res + j * a.ld_res : nullptr;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
-      const Vec<T> gi = sigmoid(ld(p + k, n));
-      const Vec<T> gf = sigmoid(ld(p + H + k, n));
-      const Vec<T> gg = tanh_(ld(p + 2 * H + k, n));
-      const Vec<T> go = sigmoid(ld(p + 3 * H + k, n));
+      const Vec<T> gi = sigmoid(pre_at(a, p, k, n));
+      const Vec<T> gf = sigmoid(pre_at(a, p, H + k, n));
+      const Vec<T> gg = tanh_(pre_at(a, p, 2 * H + k, n));
+      const Vec<T> go = sigmoid(pre_at(a, p, 3 * H + k, n));
       const Vec<T> cn = at::vec::fmadd(gf, ld(c + k, n), gi * gg);
       const Vec<T> h = go * tanh_(cn);
       st(cn, c + k, n);
@@ -155,11 +162,11 @@ void gru_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
     T* res = a.res ? a.res + j * a.ld_res : nullptr;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
-      const Vec<T> r = sigmoid(ld(p + k, n) + ld(hg + k, n));
-      const Vec<T> z = sigmoid(ld(p + H + k, n) + ld(hg + H + k, n));
+      const Vec<T> r = sigmoid(pre_at(a, p, k, n) + ld(hg + k, n));
+      const Vec<T> z = sigmoid(pre_at(a, p, H + k, n) + ld(hg + H + k, n));
       Vec<T> hn = ld(hg + 2 * H + k, n);
       if (a.b_hn) hn = hn + ld(a.b_hn + k, n);
-      const Vec<T> nn = tanh_(at::vec::fmadd(r, hn, ld(p + 2 * H + k, n)));
+      const Vec<T> nn = tanh_(at::vec::fmadd(r, hn, pre_at(a, p, 2 * H + k, n)));
       store_h(a, j, k, at::vec::fmadd(z, ld(hp + k, n) - nn, nn), n);
       if (res) {
         st(r, res + k, n);
@@ -208,7 +215,7 @@ void rnn_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
     const T* p = a.pre + j * a.ld_pre;
     for (int64_t k = k0; k < k1; k += V) {
       const int64_t n = std::min(V, k1 - k);
-      const Vec<T> x = ld(p + k, n);
+      const Vec<T> x = pre_at(a, p, k, n);
       store_h(a, j, k, kRelu ? at::vec::clamp_min(x, Vec<T>(T(0))) : tanh_(x), n);
     }
   }

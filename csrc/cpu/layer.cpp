@@ -162,6 +162,7 @@ struct Dir {
   const T* w_hh;   // [G*H, P]
   const T* w_hr;   // [P, H] or nullptr
   const T* b_hn;   // GRU [H] or nullptr
+  const T* bias;   // [G*H] input-side biases (FwdArgs::bias) or nullptr
   const T* hx;     // [B, P]
   const T* cx;     // [B, H] (LSTM)
   T* y;            // [N, D*P]
@@ -209,7 +210,7 @@ struct Dir {
 
 template <typename T>
 Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const std::vector<Tensor>& b_hn,
-                const Tensor& hx, const Tensor& cx, Tensor& y, Tensor& reserve) {
+                const Tensor& bias, const Tensor& hx, const Tensor& cx, Tensor& y, Tensor& reserve) {
   Dir<T> r;
   r.L = &L;
   r.d = d;
@@ -217,6 +218,7 @@ Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const
   r.w_hh = L.w_hh(ws, d).data_ptr<T>();
   r.w_hr = L.proj ? L.w_hr(ws, d).data_ptr<T>() : nullptr;
   r.b_hn = b_hn.empty() ? nullptr : b_hn[d].data_ptr<T>();
+  r.bias = bias.defined() ? bias.data_ptr<T>() + d * L.G * L.H : nullptr;
   r.hx = hx[d].data_ptr<T>();
   r.cx = L.mode == kLSTM ? cx[d].data_ptr<T>() : nullptr;
   r.y = y.data_ptr<T>();
@@ -418,6 +420,7 @@ FwdArgs<T> fwd_args(const Dir<T>& dir, int64_t t, T* pre, int64_t ldxg, const T*
   a.pre = pre; a.ld_pre = ldxg;
   a.hg = hg; a.ld_hg = dir.GH();
   a.b_hn = dir.b_hn;
+  a.bias = dir.bias;
   a.hprev = hprev;
   a.c = c; a.ld_c = L.H;
   a.out = L.proj ? hf : dir.y_row(t); a.ld_out = L.proj ? L.H : dir.ldy;
@@ -562,8 +565,9 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
   });
 }
 
-// Per-direction input-side biases folded into the input GEMM: LSTM/RNN b_ih + b_hh; GRU b_ih + (b_hr, b_hz, 0)
-// (b_hn stays apart because r multiplies it). Returns [D*G*H].
+// Per-direction input-side biases, added in the gate pass: LSTM/RNN b_ih + b_hh; GRU b_ih + (b_hr, b_hz, 0) (b_hn
+// stays apart because r multiplies it). Returns [D*G*H]. (Added there, not by the input GEMM: addmm's bias is a
+// broadcast copy over the whole [rows, G*H] output before the GEMM, a pass of memory traffic per call.)
 Tensor input_bias(const Layout& L, const std::vector<Tensor>& ws) {
   std::vector<Tensor> parts;
   for (int64_t d = 0; d < L.D; ++d) {
@@ -582,11 +586,8 @@ std::vector<Tensor> contiguous_all(at::TensorList ws) {
   return r;
 }
 
-// out = x W_ih^T (+ bias): the input projections of one direction for the rows of x.
-void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
-  if (bias.defined()) at::addmm_out(out, bias, x, w_ih.t());
-  else at::mm_out(out, x, w_ih.t());
-}
+// out = x W_ih^T: the input projections of one direction for the rows of x (biases: FwdArgs::bias).
+void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) { at::mm_out(out, x, w_ih.t()); }
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const Tensor& x_, const Tensor& hx_,
@@ -600,14 +601,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const int64_t GH = L.G * L.H;
   Tensor reserve = train ? alloc({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
   const Tensor bias = L.bias ? input_bias(L, ws) : Tensor();
-  auto bias_d = [&](int64_t d) { return bias.defined() ? bias.narrow(0, d * GH, GH) : Tensor(); };
   // The input projections. Training LSTM / GRU: for the whole sequence straight into the first G*H columns of each
   // direction's reserve rows, where the gate pass overwrites them in place with the activated gates (the reserve
   // row holds the gates at the same columns): no buffer of their own. Else chunk by chunk into one chunk-sized
   // buffer, just before the loop reaches them.
   const bool in_reserve = train && L.R >= GH;
   if (in_reserve)
-    for (int64_t d = 0; d < L.D; ++d) input_projection(reserve[d].narrow(1, 0, GH), x, L.w_ih(ws, d), bias_d(d));
+    for (int64_t d = 0; d < L.D; ++d) input_projection(reserve[d].narrow(1, 0, GH), x, L.w_ih(ws, d));
   std::vector<Tensor> b_hn;
   if (L.mode == kGRU && L.bias)
     for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
@@ -621,7 +621,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
       parallel_dirs ? std::vector<int64_t>{0, L.B} : batch_blocks(L, small, sizeof(T));
   const int64_t nblk = static_cast<int64_t>(blocks.size()) - 1;
   auto run_direction = [&](int64_t d) {
-    const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, hx, cx, y, reserve);
+    const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, bias, hx, cx, y, reserve);
     T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
     T* h = hy[d].data_ptr<T>();
     const FwdScratch<T> scratch(L);
@@ -641,7 +641,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     Tensor xg = alloc({max_rows, GH}, opts);
     for (const Chunk& ch : chunks) {
       Tensor part = xg.narrow(0, 0, ch.r1 - ch.r0);
-      input_projection(part, x.narrow(0, ch.r0, ch.r1 - ch.r0), L.w_ih(ws, d), bias_d(d));
+      input_projection(part, x.narrow(0, ch.r0, ch.r1 - ch.r0), L.w_ih(ws, d));
       loop(RowBuf<T>{part.data_ptr<T>(), GH, ch.r0}, ch.s0, ch.s1);
     }
   };
@@ -861,7 +861,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   Tensor grad_x_rev = parallel_dirs && L.T ? alloc({L.N, L.I}, opts) : Tensor();
   Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
   auto run_direction = [&](int64_t d) {
-    const Dir<T> dir = make_dir<T>(L, d, ws, {}, hx, cx, y_mut, reserve);
+    const Dir<T> dir = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, reserve);
     const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
