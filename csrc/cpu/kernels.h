@@ -74,6 +74,9 @@ struct KernelTable {
   // row), split evenly, so each weight vector loaded feeds up to 12 (24) FMAs.
   void (*panel_gemm)(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& h, int64_t b, T* out, int64_t ldo,
                      bool accumulate);
+  // One packed panel from n <= panel rows of W (row stride ldw): dst[k * panel + c] = W[c * ldw + k] for c < n,
+  // 0 for n <= c < panel, k < K. A transpose: vector blocks where the build has them.
+  void (*pack_panel)(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst);
 };
 
 // Batch rows a matrix-vector micro-kernel holds in registers.

@@ -485,6 +485,122 @@ void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t 
   });
 }
 
+// ---- packing --------------------------------------------------------------------------------------------------
+
+// Scalar transpose, in blocks of 16 k so each group of destination rows stays in L1 while all columns fill it.
+template <typename T>
+void pack_panel_scalar(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst, int64_t panel) {
+  constexpr int64_t KB = 16;
+  for (int64_t kb = 0; kb < K; kb += KB) {
+    const int64_t kn = std::min(KB, K - kb);
+    for (int64_t c = 0; c < panel; ++c) {
+      T* o = dst + kb * panel + c;
+      if (c < n) {
+        const T* w = W + c * ldw + kb;
+        for (int64_t k = 0; k < kn; ++k) o[k * panel] = w[k];
+      } else {
+        for (int64_t k = 0; k < kn; ++k) o[k * panel] = T(0);
+      }
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// r[c] (16 rows of 16) -> r[k]: the 16 x 16 transpose in three shuffle stages (pairs of rows, 4-row groups within
+// 128-bit lanes, then the lanes themselves).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    u[4 * m + 0] = _mm512_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0x44);
+    u[4 * m + 1] = _mm512_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0xEE);
+    u[4 * m + 2] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+    u[4 * m + 3] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+  }
+  // u[4m + j], lane L: column 4L + j of rows 4m..4m+3; out[4L + j] lane m is u[4m + j] lane L.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 x2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 x3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+  }
+}
+
+template <typename T>
+void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
+  constexpr int64_t V = Vec<T>::size(), panel = 2 * V;
+  if constexpr (!std::is_same_v<T, float>) {
+    pack_panel_scalar(W, ldw, n, K, dst, panel);
+  } else {
+    for (int64_t c0 = 0; c0 < panel; c0 += 16) {
+      const int64_t nr = std::clamp<int64_t>(n - c0, 0, 16);
+      for (int64_t kb = 0; kb < K; kb += 16) {
+        const int64_t kn = std::min<int64_t>(16, K - kb);
+        const __mmask16 km = static_cast<__mmask16>((1u << kn) - 1);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i)
+          r[i] = i < nr ? _mm512_maskz_loadu_ps(km, W + (c0 + i) * ldw + kb) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t k = 0; k < kn; ++k) _mm512_storeu_ps(dst + (kb + k) * panel + c0, r[k]);
+      }
+    }
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// The 8 x 8 transpose: pairs of rows, 4-row groups within 128-bit lanes, then the two lanes.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int m = 0; m < 2; ++m) {
+    u[4 * m + 0] = _mm256_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0x44);
+    u[4 * m + 1] = _mm256_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0xEE);
+    u[4 * m + 2] = _mm256_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+    u[4 * m + 3] = _mm256_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+
+template <typename T>
+void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
+  constexpr int64_t V = Vec<T>::size(), panel = 2 * V;
+  if constexpr (!std::is_same_v<T, float>) {
+    pack_panel_scalar(W, ldw, n, K, dst, panel);
+  } else {
+    const int64_t K8 = K - K % 8;
+    for (int64_t c0 = 0; c0 < panel; c0 += 8) {
+      const int64_t nr = std::clamp<int64_t>(n - c0, 0, 8);
+      for (int64_t kb = 0; kb < K8; kb += 8) {
+        __m256 r[8];
+        for (int64_t i = 0; i < 8; ++i) r[i] = i < nr ? _mm256_loadu_ps(W + (c0 + i) * ldw + kb) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int64_t k = 0; k < 8; ++k) _mm256_storeu_ps(dst + (kb + k) * panel + c0, r[k]);
+      }
+    }
+    if (K8 < K) {  // the last K % 8 rows of the panel
+      for (int64_t c = 0; c < panel; ++c)
+        for (int64_t k = K8; k < K; ++k) dst[k * panel + c] = c < n ? W[c * ldw + k] : T(0);
+    }
+  }
+}
+#else
+template <typename T>
+void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
+  pack_panel_scalar(W, ldw, n, K, dst, 2 * Vec<T>::size());
+}
+#endif
+
 template <typename T>
 KernelTable<T> make_table() {
   KernelTable<T> t{};
@@ -500,6 +616,7 @@ KernelTable<T> make_table() {
   t.vecmat = vecmat<T>;
   t.panel = 2 * Vec<T>::size();
   t.panel_gemm = panel_gemm<T>;
+  t.pack_panel = pack_panel<T>;
   return t;
 }
 

@@ -453,24 +453,16 @@ void forward_large(const Dir<T>& dir, const KernelTable<T>& K, const RowBuf<T>& 
   }
 }
 
-// W_hh of one thread's slice of hidden units [k0, k1), all gates, repacked k-major for KernelTable::panel_gemm:
+// Gate g of W_hh for one thread's slice of hidden units [k0, k1), repacked k-major for KernelTable::panel_gemm:
 // panel q of gate g holds columns g*H + k0 + q*panel + [0, panel) (zero past k1) at dst + (g*npan + q)*panel*K.
 template <typename T>
-void pack_slice(const T* W, int64_t H, int64_t G, int64_t K, int64_t k0, int64_t k1, int64_t panel, int64_t npan,
-                T* dst) {
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t q = 0; q < npan; ++q) {
-      T* d = dst + (g * npan + q) * panel * K;
-      for (int64_t c = 0; c < panel; ++c) {
-        const int64_t col = k0 + q * panel + c;
-        if (col < k1) {
-          const T* w = W + (g * H + col) * K;
-          for (int64_t k = 0; k < K; ++k) d[k * panel + c] = w[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) d[k * panel + c] = T(0);
-        }
-      }
-    }
+void pack_slice_gate(const KernelTable<T>& Kt, const T* W, int64_t H, int64_t g, int64_t K, int64_t k0, int64_t k1,
+                     int64_t npan, T* dst) {
+  const int64_t panel = Kt.panel;
+  for (int64_t q = 0; q < npan; ++q) {
+    const int64_t c0 = k0 + q * panel;
+    Kt.pack_panel(W + (g * H + c0) * K, K, std::clamp<int64_t>(k1 - c0, 0, panel), K,
+                  dst + (g * npan + q) * panel * K);
   }
 }
 
@@ -508,10 +500,13 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S) {
   pk.pstride = L.G * pk.npan * K.panel * L.P;
   pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   pk.p = pk.buf.template data_ptr<T>();
-  at::parallel_for(0, pk.S, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t sl = s0; sl < s1; ++sl) {
+  // (slice, gate) pairs over the threads: with one slice (a split batch) the gates are still packed in parallel.
+  // With a slice a thread, thread s packs slice s (the pairs are cut in equal contiguous ranges).
+  at::parallel_for(0, pk.S * L.G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t sl = i / L.G, g = i % L.G;
       const auto [k0, k1] = slice_range(L.H, sl, pk.S);
-      pack_slice(dir.w_hh, L.H, L.G, L.P, k0, k1, K.panel, pk.npan, pk.p + sl * pk.pstride);
+      pack_slice_gate(K, dir.w_hh, L.H, g, L.P, k0, k1, pk.npan, pk.p + sl * pk.pstride);
     }
   });
   return pk;
