@@ -473,6 +473,10 @@ struct Packed {
   Tensor buf;
   T* p = nullptr;
   int64_t S = 1, npan = 0, pstride = 0;
+  // Forward with a projection: W_hr [P, H] likewise, slice sl (rows [p0, p1) of slice_range(P, sl, S)) at
+  // pr + sl * prstride, npan_r panels of K = H.
+  T* pr = nullptr;
+  int64_t npan_r = 0, prstride = 0;
 };
 
 // Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
@@ -498,12 +502,25 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S) {
   if (!pack_weights(L, true)) return pk;
   pk.npan = (slice_chunk(L.H, pk.S) + K.panel - 1) / K.panel;
   pk.pstride = L.G * pk.npan * K.panel * L.P;
-  pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  if (L.proj) {
+    pk.npan_r = (slice_chunk(L.P, pk.S) + K.panel - 1) / K.panel;
+    pk.prstride = pk.npan_r * K.panel * L.H;
+  }
+  pk.buf = alloc({pk.S * (pk.pstride + pk.prstride)}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   pk.p = pk.buf.template data_ptr<T>();
-  // (slice, gate) pairs over the threads: with one slice (a split batch) the gates are still packed in parallel.
-  // With a slice a thread, thread s packs slice s (the pairs are cut in equal contiguous ranges).
-  at::parallel_for(0, pk.S * L.G, 1, [&](int64_t i0, int64_t i1) {
+  pk.pr = L.proj ? pk.p + pk.S * pk.pstride : nullptr;
+  // (slice, gate) pairs over the threads, then the projection's slices: with one slice (a split batch) the gates
+  // are still packed in parallel. With a slice a thread, thread s packs slice s (the pairs are cut in equal
+  // contiguous ranges).
+  const int64_t n_hh = pk.S * L.G;
+  at::parallel_for(0, n_hh + (L.proj ? pk.S : 0), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
+      if (i >= n_hh) {
+        const int64_t sl = i - n_hh;
+        const auto [p0, p1] = slice_range(L.P, sl, pk.S);
+        pack_slice_gate(K, dir.w_hr, L.P, 0, L.H, p0, p1, pk.npan_r, pk.pr + sl * pk.prstride);
+        continue;
+      }
       const int64_t sl = i / L.G, g = i % L.G;
       const auto [k0, k1] = slice_range(L.H, sl, pk.S);
       pack_slice_gate(K, dir.w_hh, L.H, g, L.P, k0, k1, pk.npan, pk.p + sl * pk.pstride);
@@ -550,8 +567,14 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
       if (!L.proj) continue;
       for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
-        K.matvec(dir.w_hr + p0 * H, H, p1 - p0, H, RowSrc<T>{hf, H, b, nullptr, 0}, b, dir.y_row(t) + p0, dir.ldy,
-                 false);
+        const RowSrc<T> hfs{hf, H, b, nullptr, 0};
+        if (pk.pr) {
+          for (int64_t q = 0, c0 = p0; c0 < p1; ++q, c0 += panel)
+            K.panel_gemm(pk.pr + sl * pk.prstride + q * panel * H, H, std::min(panel, p1 - c0), hfs, b,
+                         dir.y_row(t) + c0, dir.ldy, false);
+        } else {
+          K.matvec(dir.w_hr + p0 * H, H, p1 - p0, H, hfs, b, dir.y_row(t) + p0, dir.ldy, false);
+        }
         for (int64_t j = 0; j < b; ++j)
           std::memcpy(h + j * P + p0, dir.y_row(t) + j * dir.ldy + p0, (p1 - p0) * sizeof(T));
       }
