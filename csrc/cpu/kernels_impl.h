@@ -387,9 +387,26 @@ void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const
     vecmat_block<T, NB, 1>(W + c, ldw, R, g, ldg, out + c, ldo, std::min(V, c1 - c), accumulate);
 }
 
+// Long inner dimensions are summed in chunks of kSumChunk terms, each chunk's sums added to the output: the
+// rounding error of a sum grows with its length, and single chains over the backward's K = 4H = 2048 terms (dG W_hh)
+// ended up with 2.4x torch.nn's (blocked) error on LSTM H512. Costs one load and store of the outputs a chunk.
+constexpr int64_t kSumChunk = 256;
+
+template <typename T>
+void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg,
+                      int64_t b, T* out, int64_t ldo, bool accumulate);
+
 template <typename T>
 void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
             T* out, int64_t ldo, bool accumulate) {
+  for (int64_t r0 = 0; r0 < R; r0 += kSumChunk)
+    vecmat_unchunked(W + r0 * ldw, ldw, std::min(kSumChunk, R - r0), c0, c1, g + r0, ldg, b, out, ldo,
+                     accumulate || r0 > 0);
+}
+
+template <typename T>
+void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg,
+                      int64_t b, T* out, int64_t ldo, bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
   // One or two rows: wide column blocks (enough accumulators to hide the FMA latency), the weights streamed once.
   if (b == 1) return vecmat_nb<T, 1>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
@@ -473,15 +490,19 @@ inline void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, boo
 template <typename T>
 void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
                 bool accumulate) {
+  constexpr int64_t panel = 2 * Vec<T>::size();
   row_blocks(b, [&](int64_t j0, int64_t nb) {
     const T* h[kPanelRows];
-    for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
     T* o = out + j0 * ldo;
-    with_rows<kPanelRows>(nb, [&](auto rows) {
-      constexpr int MR = decltype(rows)::value;
-      if constexpr (MR == 1) panel_row<T>(Wp, K, h[0], o, n, accumulate);
-      else panel_block<T, MR>(Wp, K, h, o, ldo, n, accumulate);
-    });
+    for (int64_t k0 = 0; k0 < K; k0 += kSumChunk) {  // see kSumChunk
+      const int64_t kc = std::min(kSumChunk, K - k0);
+      for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j) + k0;
+      with_rows<kPanelRows>(nb, [&](auto rows) {
+        constexpr int MR = decltype(rows)::value;
+        if constexpr (MR == 1) panel_row<T>(Wp + k0 * panel, kc, h[0], o, n, accumulate || k0 > 0);
+        else panel_block<T, MR>(Wp + k0 * panel, kc, h, o, ldo, n, accumulate || k0 > 0);
+      });
+    }
   });
 }
 
