@@ -37,7 +37,8 @@ def _version() -> str:
 
 
 def _cpu_extension():
-    sources = ["csrc/fusedrnn.cpp", "csrc/cpu/layer.cpp", "csrc/cpu/kernels_default.cpp"]
+    sources = ["csrc/fusedrnn.cpp", "csrc/cpu/layer.cpp", "csrc/cpu/layer_backward.cpp",
+               "csrc/cpu/kernels_default.cpp"]
     if not IS_X86:  # compiled without their flags they provide no kernels (nullptr tables)
         sources += [src for srcs, _ in ISA_SOURCES.values() for src in srcs]
     return CppExtension(
@@ -46,7 +47,8 @@ def _cpu_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": list(CXX_FLAGS)},
         extra_link_args=["-fopenmp"],
-        depends=[os.path.join("csrc", p) for p in ("common.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cpu/layer.h")],
+        depends=[os.path.join("csrc", p)
+                 for p in ("common.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cpu/layer.h", "cpu/layer_loops.h")],
     )
 
 

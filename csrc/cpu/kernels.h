@@ -1,4 +1,4 @@
-// Raw-pointer interface between the layer driver (csrc/cpu/layer.cpp, baseline flags, ATen tensors) and the
+// Raw-pointer interface between the layer driver (csrc/cpu/layer*.cpp, baseline flags, ATen tensors) and the
 // vectorised kernels (csrc/cpu/kernels_impl.h, compiled once per CPU capability). Nothing here touches at::Tensor,
 // so the AVX2 translation unit pulls in as little shared inline code as possible.
 //

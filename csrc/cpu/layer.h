@@ -1,4 +1,4 @@
-// Entry points of the CPU layer kernels (csrc/cpu/layer.cpp); arguments and shapes as docs/design.md's
+// Entry points of the CPU layer kernels (csrc/cpu/layer.cpp, layer_backward.cpp); arguments and shapes as docs/design.md's
 // rnn_layer / rnn_layer_backward minus `backend`.
 //
 // Dimension letters: N packed rows, I input size, B batch, P size of h, H hidden size, D directions, R reserve width.

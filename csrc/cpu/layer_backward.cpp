@@ -1,0 +1,305 @@
+// One RNN layer over the whole sequence on the CPU: the backward (overview: layer_loops.h).
+
+#include "layer_loops.h"
+
+namespace fusedrnn::cpu {
+namespace {
+
+using namespace loops;
+
+// ---- backward ---------------------------------------------------------------------------------------------------
+
+// Buffers of one direction's backward loop. Chunk-sized, row r at (r - r0): dg [rows, G*H] input-side gate
+// gradients; dgh GRU [rows, G*H] recurrent-side gate gradients; dht proj [rows, P] total gradient w.r.t. h per
+// step. State: dhf proj [B, H]; dh [B, P] and dc [B, H] running state gradients (in: grad_hy / grad_cy, out:
+// grad_hx / grad_cx). gy: rows of grad_y [N, D*P] (all of them, or a contiguous copy of the chunk's).
+template <typename T>
+struct BwdBufs {
+  T* dg;
+  T* dgh;
+  T* dht;
+  int64_t r0;
+  T* dhf;
+  T* dh;
+  T* dc;
+  RowBuf<const T> gy;
+  // Where the recurrent product reads its gate gradients: GRU's recurrent side, else the input side ([b, G*H]).
+  const T* rec(const Dir<T>& dir, int64_t t) const { return (dgh ? dgh : dg) + (dir.row0(t) - r0) * dir.GH(); }
+  // The same buffers with the states moved to the rows of a block of the batch.
+  BwdBufs block(const Dir<T>& dir) const {
+    const Layout& L = *dir.L;
+    BwdBufs r = *this;
+    r.dh = dh + dir.j0 * L.P;
+    if (dc) r.dc = dc + dir.j0 * L.H;
+    if (dhf) r.dhf = dhf + dir.j0 * L.H;
+    return r;
+  }
+};
+
+// dht rows of step t = dh state + grad_y rows, for hidden columns [p0, p1) (projection only).
+template <typename T>
+void total_dh(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t, int64_t p0, int64_t p1) {
+  const Layout& L = *dir.L;
+  T* out = bb.dht + (dir.row0(t) - bb.r0) * L.P;
+  const T* gy = bb.gy.row(dir.row0(t)) + dir.d * L.P;
+  for (int64_t j = 0; j < dir.rows(t); ++j)
+    for (int64_t p = p0; p < p1; ++p) out[j * L.P + p] = bb.dh[j * L.P + p] + gy[j * bb.gy.ld + p];
+}
+
+template <typename T>
+BwdArgs<T> bwd_args(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t) {
+  const Layout& L = *dir.L;
+  const int64_t o = dir.row0(t), GH = dir.GH();
+  BwdArgs<T> a;
+  a.H = L.H;
+  if (L.proj) {
+    a.dh = bb.dhf; a.ld_dh = L.H;
+  } else {
+    a.dh = bb.dh; a.ld_dh = L.P;
+    a.dh2 = bb.gy.row(o) + dir.d * L.P; a.ld_dh2 = bb.gy.ld;
+  }
+  a.res = dir.res_row(t); a.ld_res = L.R;
+  if (L.mode == kLSTM) a.prev = dir.c_prev(t);
+  if (L.mode == kGRU) a.prev = dir.h_prev(t);
+  a.y = dir.y_row(t); a.ld_y = dir.ldy;
+  a.dc = bb.dc; a.ld_dc = L.H;
+  a.dg = bb.dg + (o - bb.r0) * GH; a.ld_dg = GH;
+  a.dgh = bb.dgh ? bb.dgh + (o - bb.r0) * GH : nullptr; a.ld_dgh = GH;
+  a.dhp = bb.dh; a.ld_dhp = L.P;
+  return a;
+}
+
+// Loop positions s1-1 down to s0.
+template <typename T>
+void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb, int64_t s0, int64_t s1) {
+  const Layout& L = *dir.L;
+  const int64_t H = L.H, P = L.P, GH = dir.GH();
+  TORCH_INTERNAL_ASSERT(dir.j0 == 0 && dir.nrows == L.B, "the GEMM loop runs the whole batch");
+  for (int64_t s = s1 - 1; s >= s0; --s) {
+    const int64_t t = dir.step(s), b = dir.rows(t);
+    if (L.proj) {
+      total_dh(dir, bb, t, 0, P);
+      gemm<T>(false, false, b, H, P, bb.dht + (dir.row0(t) - bb.r0) * P, P, dir.w_hr, H, T(0), bb.dhf, H);
+    }
+    const BwdArgs<T> a = bwd_args(dir, bb, t);
+    for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.bwd[L.mode](a, j0, j1, 0, H); });
+    gemm<T>(false, false, b, P, GH, bb.rec(dir, t), GH, dir.w_hh, P, T(L.mode == kGRU ? 1 : 0), bb.dh, P);
+  }
+}
+
+// Columns [p0, p1) of W_hh [GH, P] in strips of `panel` columns, each strip contiguous ([GH, panel], zero past p1),
+// for KernelTable::panel_gemm with the gate gradients as the rows (dh = dG W_hh).
+template <typename T>
+void pack_columns(const T* W, int64_t R, int64_t ldw, int64_t p0, int64_t p1, int64_t panel, int64_t npan, T* dst) {
+  for (int64_t q = 0; q < npan; ++q) {
+    T* d = dst + q * panel * R;
+    const int64_t c0 = p0 + q * panel, n = std::max<int64_t>(0, std::min(panel, p1 - c0));
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < n; ++c) d[r * panel + c] = W[r * ldw + c0 + c];
+      for (int64_t c = n; c < panel; ++c) d[r * panel + c] = T(0);
+    }
+  }
+}
+
+// dh = dG W_hh multiplies by per-thread packed strips of W_hh's columns, as the forward does with its rows.
+template <typename T>
+Packed<T> pack_backward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S) {
+  const Layout& L = *dir.L;
+  Packed<T> pk;
+  pk.S = S;
+  if (!pack_weights(L, false)) return pk;
+  pk.npan = (slice_chunk(L.P, pk.S) + K.panel - 1) / K.panel;
+  pk.pstride = pk.npan * K.panel * dir.GH();
+  pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  pk.p = pk.buf.template data_ptr<T>();
+  at::parallel_for(0, pk.S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      const auto [p0, p1] = slice_range(L.P, sl, pk.S);
+      pack_columns(dir.w_hh, dir.GH(), L.P, p0, p1, K.panel, pk.npan, pk.p + sl * pk.pstride);
+    }
+  });
+  return pk;
+}
+
+template <typename T>
+void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& pk, const BwdBufs<T>& all,
+                    int64_t s0, int64_t s1) {
+  const Layout& L = *dir.L;
+  const BwdBufs<T> bb = all.block(dir);
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S, panel = K.panel;
+  if (L.proj) total_dh(dir, bb, dir.step(s1 - 1), 0, P);
+  SpinBarrier barrier(S);
+  at::parallel_for(0, S, 1, [&](int64_t sl0, int64_t sl1) {
+    for (int64_t s = s1 - 1; s >= s0; --s) {
+      const int64_t t = dir.step(s), b = dir.rows(t);
+      // b == 0: a block whose sequences start later (or, reversed, have ended): nothing to do but the next step's
+      // total gradient. Every slice sees the same b, so all skip the same barriers.
+      if (b > 0) {
+        const BwdArgs<T> a = bwd_args(dir, bb, t);
+        for (int64_t sl = sl0; sl < sl1; ++sl) {
+          const auto [k0, k1] = slice_range(H, sl, S);
+          if (L.proj)
+            K.vecmat(dir.w_hr, H, P, k0, k1, bb.dht + (dir.row0(t) - bb.r0) * P, P, b, bb.dhf, H, false);
+          K.bwd[L.mode](a, 0, b, k0, k1);
+        }
+        barrier.wait(sl1 - sl0);
+      }
+      // Without a projection P == H and the slices match, so each thread next reads only the dh it wrote.
+      for (int64_t sl = sl0; sl < sl1; ++sl) {
+        const auto [p0, p1] = slice_range(P, sl, S);
+        if (b > 0) {
+          const RowSrc<T> g{bb.rec(dir, t), GH, b, nullptr, 0};
+          if (!pk.p) K.vecmat(dir.w_hh, P, GH, p0, p1, bb.rec(dir, t), GH, b, bb.dh, P, L.mode == kGRU);
+          for (int64_t q = 0, c0 = p0; pk.p && c0 < p1; ++q, c0 += panel)
+            K.panel_gemm(pk.p + sl * pk.pstride + q * panel * GH, GH, std::min(panel, p1 - c0), g, b, bb.dh + c0,
+                         P, L.mode == kGRU);
+        }
+        if (L.proj && s > s0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
+      }
+      if (L.proj) barrier.wait(sl1 - sl0);
+    }
+  });
+}
+
+// h_prev of the rows of a chunk as one matrix [rows, P] (the B operand of dW_hh = dG^T H_prev).
+template <typename T>
+void gather_h_prev(const Dir<T>& dir, const Chunk& ch, T* out) {
+  const Layout& L = *dir.L;
+  for (int64_t s = ch.s0; s < ch.s1; ++s) {
+    const int64_t t = dir.step(s);
+    const RowSrc<T> src = dir.h_prev(t);
+    for (int64_t j = 0; j < dir.rows(t); ++j)
+      std::memcpy(out + (dir.row0(t) + j - ch.r0) * L.P, src.row(j), L.P * sizeof(T));
+  }
+}
+
+// out = a b, or out += a b after the first chunk.
+void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first) {
+  if (first) at::mm_out(out, a, b);
+  else out.addmm_(a, b);
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
+    const Layout& L, const Tensor& grad_y_, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x_,
+    const Tensor& hx_, const std::optional<Tensor>& cx_, at::TensorList weights, const Tensor& y_,
+    const Tensor& reserve_) {
+  const KernelTable<T>& K = table<T>();
+  const auto ws = contiguous_all(weights);
+  const Tensor x = x_.contiguous(), hx = hx_.contiguous(), y = y_.contiguous();
+  // grad_y as it comes when it is contiguous; else (an expanded tensor, as the gradient of y.sum() is) a
+  // contiguous copy of each chunk's rows, never a copy of the whole.
+  const bool gy_whole = grad_y_.is_contiguous();
+  const Tensor& gy = grad_y_;
+  Tensor reserve = reserve_.contiguous();
+  const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
+  const auto opts = x.options();
+  const int64_t GH = L.G * L.H;
+  TORCH_CHECK(reserve.numel() == L.D * L.N * L.R && (L.R == 0 || reserve.dim() == 3),
+              "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
+  TORCH_CHECK(gy.sizes() == y.sizes(), "fusedrnn: grad_y should have the shape of y");
+
+  Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
+  Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
+                   : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
+  Tensor grad_x = alloc({L.N, L.I}, opts);
+  std::vector<Tensor> gw(ws.size());
+  for (size_t i = 0; i < ws.size(); ++i) gw[i] = L.T ? alloc(ws[i].sizes(), opts) : at::zeros_like(ws[i]);
+  if (L.T == 0) grad_x.zero_();
+  const bool small = small_batch(L, false);
+  const bool parallel_dirs = directions_in_parallel(L, small, sizeof(T));
+  const std::vector<int64_t> blocks =
+      parallel_dirs ? std::vector<int64_t>{0, L.B} : batch_blocks(L, small, sizeof(T));
+  const int64_t nblk = static_cast<int64_t>(blocks.size()) - 1;
+  // Directions on their own threads cannot both accumulate into grad_x: the reverse one writes its own copy.
+  Tensor grad_x_rev = parallel_dirs && L.T ? alloc({L.N, L.I}, opts) : Tensor();
+  Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
+  auto run_direction = [&](int64_t d) {
+    const Dir<T> dir = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, reserve);
+    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
+    int64_t max_rows = 0;
+    for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
+    Tensor dg = alloc({max_rows, GH}, opts);
+    Tensor dgh = L.mode == kGRU ? alloc({max_rows, GH}, opts) : Tensor();
+    Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
+    Tensor hprev = alloc({max_rows, L.P}, opts);
+    Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
+    const Packed<T> pk = small && L.T ? pack_backward(dir, K, nblk > 1 ? 1 : small_slices(L)) : Packed<T>{};
+    Tensor& g_ih = gw[d * L.group + 0];
+    Tensor& g_hh = gw[d * L.group + 1];
+    for (size_t i = 0; i < chunks.size(); ++i) {  // the last chunk of the loop first
+      const Chunk& ch = chunks[chunks.size() - 1 - i];
+      const int64_t rows = ch.r1 - ch.r0;
+      const bool first = i == 0;
+      BwdBufs<T> bb{dg.data_ptr<T>(), dgh.defined() ? dgh.data_ptr<T>() : nullptr,
+                    dht.defined() ? dht.data_ptr<T>() : nullptr, ch.r0,
+                    dhf.defined() ? dhf.data_ptr<T>() : nullptr, grad_hx[d].data_ptr<T>(),
+                    L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr, RowBuf<const T>{}};
+      Tensor gy_chunk;
+      if (gy_whole) {
+        bb.gy = {gy.data_ptr<T>(), L.D * L.P, 0};
+      } else {
+        gy_chunk = gy.narrow(0, ch.r0, rows).contiguous();
+        bb.gy = {gy_chunk.data_ptr<T>(), L.D * L.P, ch.r0};
+      }
+      if (!small) {
+        backward_large(dir, K, bb, ch.s0, ch.s1);
+      } else if (nblk == 1) {
+        backward_small(dir, K, pk, bb, ch.s0, ch.s1);
+      } else {
+        in_threads(nblk, [&](int64_t i) {
+          backward_small(dir.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, bb, ch.s0, ch.s1);
+        });
+      }
+      // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
+      const Tensor dg_c = dg.narrow(0, 0, rows);
+      const Tensor dg_rec = dgh.defined() ? dgh.narrow(0, 0, rows) : dg_c;
+      gather_h_prev(dir, ch, hprev.data_ptr<T>());
+      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows), first);
+      mm_acc(g_hh, dg_rec.t(), hprev.narrow(0, 0, rows), first);
+      Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
+      mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
+      if (L.bias) {
+        Tensor& g_b = gw[d * L.group + 2];
+        if (first) at::sum_out(g_b, dg_c, at::IntArrayRef{0});
+        else g_b.add_(dg_c.sum(0));
+        if (dgh.defined()) {
+          Tensor& g_bh = gw[d * L.group + 3];
+          if (first) at::sum_out(g_bh, dg_rec, at::IntArrayRef{0});
+          else g_bh.add_(dg_rec.sum(0));
+        }
+      }
+      if (L.proj) {
+        const Tensor r = reserve[d].narrow(0, ch.r0, rows);
+        const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
+        mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first);
+      }
+    }
+    // LSTM and RNN: both biases get the same gradient (one pass over dG, not two).
+    if (L.bias && !dgh.defined() && L.T) gw[d * L.group + 3].copy_(gw[d * L.group + 2]);
+  };
+  if (parallel_dirs) {
+    in_threads(L.D, run_direction);
+    if (grad_x_rev.defined()) grad_x.add_(grad_x_rev);
+  } else {
+    for (int64_t d = 0; d < L.D; ++d) run_direction(d);
+  }
+  return {grad_x, grad_hx, grad_cx, gw};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
+    const std::string& mode, const Tensor& grad_y, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x,
+    const Tensor& batch_sizes, const Tensor& hx, const std::optional<Tensor>& cx, at::TensorList weights,
+    bool has_biases, int64_t num_directions, const Tensor& y, const Tensor& reserve) {
+  const Layout L = check_inputs(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
+  for (const Tensor* g : {&grad_y, &grad_hy, &grad_cy, &y, &reserve})
+    TORCH_CHECK(g->scalar_type() == x.scalar_type() && g->device().is_cpu(),
+                "fusedrnn: backward tensors should be CPU tensors of x's dtype");
+  if (x.scalar_type() == at::kDouble)
+    return backward_typed<double>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
+  return backward_typed<float>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
+}
+
+}  // namespace fusedrnn::cpu

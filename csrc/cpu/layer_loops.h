@@ -1,0 +1,435 @@
+// Shared pieces of the CPU layer driver: forward (layer.cpp) and backward (layer_backward.cpp). Internal.
+//
+// One RNN layer over the whole sequence on the CPU, both directions, forward and backward (docs/design.md).
+//
+// Dimension letters: T steps, B batch, N = sum(batch_sizes) packed rows, b rows alive at one step, I input size,
+// H hidden size, P size of h (proj_size or H), G gates, D directions, R reserve row width, S thread slices.
+//
+// Forward: per direction, the input projections (training: of all steps, one GEMM into the reserve; inference:
+// one GEMM per time chunk of ~512 rows, see time_chunks()), then a time loop. Large problems do one BLAS GEMM per
+// step into preallocated buffers and one fused gate pass (rows split over threads). Small ones (see
+// small_batch()) run a persistent loop: each thread owns a slice of hidden units (all gates of them), repacks its
+// slice of W_hh once per call into k-major panels (kept in its own cache), computes its part of the recurrent
+// product with a register-blocked kernel (KernelTable::panel_gemm) and its gates locally, and meets the other
+// threads once per step (twice with a projection); or, with enough rows (batch_blocks()), each thread runs a
+// block of the batch alone. The backward's loop does the same with column strips of W_hh.
+// Backward runs the time loop once (fused gate gradients, the recurrent product dG W_hh per step) and computes
+// the weight gradients as large GEMMs per time chunk (dW_ih = dG^T x, dW_hh = dG^T H_prev, H_prev gathered).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/Version.h>
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+
+#include "../common.h"
+#include "layer.h"
+
+namespace fusedrnn::cpu::loops {
+
+using at::Tensor;
+
+// ---- kernel table choice ----------------------------------------------------------------------------------------
+
+inline std::atomic<int> g_forced{-1};  // -1: by CPU capability, else a Capability
+
+// What at::get_cpu_capability() allows (it honours ATEN_CPU_CAPABILITY, so one variable lowers both torch's and
+// fusedrnn's kernels) among the builds compiled in.
+inline Capability cpu_best() {
+  static const Capability best = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512" && AVX512::kernels_float() != nullptr) return kCapAVX512;
+    if ((cap == "AVX2" || cap == "AVX512") && AVX2::kernels_float() != nullptr) return kCapAVX2;
+    return kCapDefault;
+  }();
+  return best;
+}
+
+inline Capability current() {
+  const int f = g_forced.load();
+  return f < 0 ? cpu_best() : static_cast<Capability>(f);
+}
+
+template <typename T>
+const KernelTable<T>* table_of(Capability c) {
+  if constexpr (std::is_same_v<T, float>) {
+    return c == kCapAVX512 ? AVX512::kernels_float() : c == kCapAVX2 ? AVX2::kernels_float()
+                                                                     : DEFAULT::kernels_float();
+  } else {
+    return c == kCapAVX512 ? AVX512::kernels_double() : c == kCapAVX2 ? AVX2::kernels_double()
+                                                                      : DEFAULT::kernels_double();
+  }
+}
+
+template <typename T>
+const KernelTable<T>& table() {
+  return *table_of<T>(current());
+}
+
+// ---- helpers ----------------------------------------------------------------------------------------------------
+
+// The BLAS that ATen itself uses, found at run time (MKL builds of torch export the Fortran sgemm_/dgemm_).
+// Calling it with raw pointers keeps the time loops free of tensor allocation and dispatcher overhead; where
+// the symbols are absent the fallback wraps the pointers in tensors and calls at::addmm_out.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*, const int*);
+
+template <typename T>
+void* blas_symbol() {
+  static void* const fn = dlsym(RTLD_DEFAULT, std::is_same_v<T, float> ? "sgemm_" : "dgemm_");
+  return fn;
+}
+
+// Row-major C[m, n] = op(A)[m, k] op(B)[k, n] + beta * C (beta 0 or 1). Column-major BLAS sees the transposes,
+// so the operands swap.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+          T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (void* sym = blas_symbol<T>(); sym && std::max({m, n, k, lda, ldb, ldc}) < (int64_t(1) << 31)) {
+    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+    const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+    const T one(1);
+    if constexpr (std::is_same_v<T, float>)
+      reinterpret_cast<sgemm_fn>(sym)(&tB, &tA, &in, &im, &ik, &one, B, &ildb, A, &ilda, &beta, C, &ildc);
+    else
+      reinterpret_cast<dgemm_fn>(sym)(&tB, &tA, &in, &im, &ik, &one, B, &ildb, A, &ilda, &beta, C, &ildc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, bool t, int64_t rows, int64_t cols, int64_t ld) {
+    at::Tensor v = at::from_blob(const_cast<T*>(p), t ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                                 {ld, 1}, opts);
+    return t ? v.t() : v;
+  };
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  const at::Tensor a = view(A, ta, m, k, lda), b = view(B, tb, k, n, ldb);
+  if (beta == T(0)) at::mm_out(c, a, b);
+  else c.addmm_(a, b);
+}
+
+// A sense-reversing spin barrier for the threads of one at::parallel_for. Each caller arrives with the number
+// of slices it runs, so it stays correct however the runtime maps slices to threads. Spinning yields after a
+// while so a loaded machine does not starve the thread being waited for.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int64_t total) : total_(total) {}
+  void wait(int64_t weight) {
+    if (weight == total_) return;
+    const int64_t gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(weight, std::memory_order_acq_rel) + weight == total_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins > 2000) std::this_thread::yield();
+#if defined(__x86_64__) || defined(__i386__)
+      else __builtin_ia32_pause();
+#endif
+    }
+  }
+
+ private:
+  const int64_t total_;
+  std::atomic<int64_t> count_{0};
+  std::atomic<int64_t> gen_{0};
+};
+
+// Width of every slice but the last when n columns are cut into S slices aligned to 8 (a whole vector for float
+// and double).
+inline int64_t slice_chunk(int64_t n, int64_t S) { return ((n + S - 1) / S + 7) / 8 * 8; }
+
+// [lo, hi) of slice s.
+inline std::pair<int64_t, int64_t> slice_range(int64_t n, int64_t s, int64_t S) {
+  const int64_t chunk = slice_chunk(n, S);
+  const int64_t lo = std::min(n, s * chunk);
+  return {lo, std::min(n, lo + chunk)};
+}
+
+// Everything one direction's time loops need, as raw pointers into preallocated tensors.
+template <typename T>
+struct Dir {
+  const Layout* L;
+  int64_t d;
+  bool reverse;
+  const T* w_hh;   // [G*H, P]
+  const T* w_hr;   // [P, H] or nullptr
+  const T* b_hn;   // GRU [H] or nullptr
+  const T* bias;   // [G*H] input-side biases (FwdArgs::bias) or nullptr
+  const T* hx;     // [B, P]
+  const T* cx;     // [B, H] (LSTM)
+  T* y;            // [N, D*P]
+  int64_t ldy;
+  T* res;          // [N, R] of this direction, or nullptr
+  // The batch rows this loop runs: j0 .. j0 + nrows - 1 (all of them, or one thread's block when the batch is
+  // split across threads; see batch_blocks()). Row j of a step is packed row offs[t] + j (sorted sequences).
+  int64_t j0 = 0, nrows = 0;
+  int64_t GH() const { return L->G * L->H; }
+  // Rows of this block alive at step t, and the packed row of the first.
+  int64_t rows(int64_t t) const { return std::clamp<int64_t>(L->bs[t] - j0, 0, nrows); }
+  int64_t row0(int64_t t) const { return L->offs[t] + j0; }
+  // The same direction restricted to rows [j0 + a, j0 + a + n).
+  Dir block(int64_t a, int64_t n) const {
+    Dir r = *this;
+    r.j0 = j0 + a;
+    r.nrows = n;
+    return r;
+  }
+  // Step t of the loop at position s (time order of this direction).
+  int64_t step(int64_t s) const { return reverse ? L->T - 1 - s : s; }
+  // Step whose state feeds step t, or -1 when every row starts from hx / cx.
+  int64_t prev_step(int64_t t) const {
+    if (reverse) return t == L->T - 1 ? -1 : t + 1;
+    return t == 0 ? -1 : t - 1;
+  }
+  // h_prev of step t: rows of y at the previous step while their sequence runs, hx for those that start here.
+  RowSrc<T> h_prev(int64_t t) const {
+    const int64_t p = prev_step(t);
+    RowSrc<T> r{nullptr, 0, 0, hx + j0 * L->P, L->P};
+    if (p >= 0) r = {y + row0(p) * ldy + d * L->P, ldy, rows(p), hx + j0 * L->P, L->P};
+    return r;
+  }
+  // c_prev of step t (LSTM backward): c_t of the previous step from the reserve, or cx.
+  RowSrc<T> c_prev(int64_t t) const {
+    const int64_t p = prev_step(t);
+    const T* c0 = cx ? cx + j0 * L->H : nullptr;
+    RowSrc<T> r{nullptr, 0, 0, c0, L->H};
+    if (p >= 0) r = {res + row0(p) * L->R + 4 * L->H, L->R, rows(p), c0, L->H};
+    return r;
+  }
+  T* y_row(int64_t t) const { return y + row0(t) * ldy + d * L->P; }
+  T* res_row(int64_t t) const { return res ? res + row0(t) * L->R : nullptr; }
+};
+
+template <typename T>
+Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const std::vector<Tensor>& b_hn,
+                const Tensor& bias, const Tensor& hx, const Tensor& cx, Tensor& y, Tensor& reserve) {
+  Dir<T> r;
+  r.L = &L;
+  r.d = d;
+  r.reverse = d == 1;
+  r.w_hh = L.w_hh(ws, d).data_ptr<T>();
+  r.w_hr = L.proj ? L.w_hr(ws, d).data_ptr<T>() : nullptr;
+  r.b_hn = b_hn.empty() ? nullptr : b_hn[d].data_ptr<T>();
+  r.bias = bias.defined() ? bias.data_ptr<T>() + d * L.G * L.H : nullptr;
+  r.hx = hx[d].data_ptr<T>();
+  r.cx = L.mode == kLSTM ? cx[d].data_ptr<T>() : nullptr;
+  r.y = y.data_ptr<T>();
+  r.ldy = L.D * L.P;
+  r.res = reserve.numel() && L.R ? reserve[d].data_ptr<T>() : nullptr;
+  r.j0 = 0;
+  r.nrows = L.B;
+  return r;
+}
+
+// Number of thread slices for the small-batch loops: enough columns per thread to amortise a barrier.
+inline int64_t small_slices(const Layout& L) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(L.H, L.P) / 32));
+}
+
+// The persistent (thread-sliced matrix-vector) loops or the GEMM-per-step loops. Persistent: batches of up to 8,
+// and up to 64 while each thread's slice of W_hh fits its private L2 (512 KiB here). Measured with 2 threads on
+// an idle machine (time of the GEMM loop / the persistent loop, fwd and fwd+bwd): LSTM T100 B16 H256 1.51 / 0.97,
+// LSTM T500 B32 H128 1.02 / 0.96, GRU T100 B16 H256 1.40 / 1.02, RNN T200 B16 H256 1.20 / 0.96; under heavy load
+// the per-step BLAS calls (an OpenMP fork/join each) degrade far more (2.3-15x). FUSEDRNN_CPU_LOOP=persistent|gemm
+// overrides (tests and benchmarks use it to run both loops on the same shapes).
+constexpr int64_t kPersistentMaxBatch = 64;
+constexpr int64_t kPersistentMaxSliceBytes = 512 * 1024;
+
+// The forward's persistent loop multiplies by packed panels that every row block of the batch reuses from L1, so
+// the weights stream once per step whatever their size; it beats a GEMM call per step up to batch 64 (LSTM T100
+// B64 H512, 2 threads: 1.0x torch.nn against 0.8-0.9x with the per-step GEMM). The backward's vector-matrix
+// kernel reads the gate gradients of the whole batch per column strip and only wins while W_hh's slice stays in L2.
+inline bool small_batch(const Layout& L, bool forward) {
+  if (L.T == 0) return false;
+  if (const char* e = std::getenv("FUSEDRNN_CPU_LOOP")) {
+    if (std::strcmp(e, "persistent") == 0) return true;
+    if (std::strcmp(e, "gemm") == 0) return false;
+  }
+  if (L.B <= kSmallBatch) return true;
+  if (L.B > kPersistentMaxBatch) return false;
+  if (forward) return true;
+  const int64_t slice_bytes = L.G * L.H * L.P * static_cast<int64_t>(sizeof(float)) / small_slices(L);
+  return slice_bytes <= kPersistentMaxSliceBytes;
+}
+
+// Bytes of one core's L2 cache (as the OS reports it; 512 KiB where it does not).
+inline int64_t l2_bytes() {
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(512) * 1024;
+  }();
+  return l2;
+}
+
+// Bidirectional layers on 2 or 3 threads: each direction runs whole on a thread of its own (its persistent loop
+// with one slice), so no step waits at a barrier and no thread reads the h another wrote; the other direction's
+// work is the same size, so neither waits long at the end. Each thread then streams all of its direction's W_hh
+// every step, which pays while that fits the thread's L2 cache. More threads: the directions one after the
+// other, each over all threads. FUSEDRNN_CPU_DIRS=parallel|serial overrides (tests run both).
+inline bool directions_in_parallel(const Layout& L, bool small, size_t elem_bytes) {
+  if (L.D != 2 || !small || L.T == 0 || at::in_parallel_region()) return false;
+  if (const char* e = std::getenv("FUSEDRNN_CPU_DIRS")) {
+    if (std::strcmp(e, "parallel") == 0) return true;
+    if (std::strcmp(e, "serial") == 0) return false;
+  }
+  const int threads = at::get_num_threads();
+  if (threads < 2 || threads > 3) return false;
+  return L.G * L.H * L.P * static_cast<int64_t>(elem_bytes) <= l2_bytes() / 2;
+}
+
+// Split batch: the persistent loop's threads take contiguous blocks of batch rows instead of slices of hidden
+// units; each runs its rows' whole recurrence alone (no barrier, no h another thread wrote), multiplying by all of
+// W_hh. The blocks hold about equal numbers of tokens (sequences are sorted longest first, so a block of long
+// sequences has fewer rows). Chosen from 8 rows a thread while W_hh fits a thread's L2 cache. Measured (2
+// threads, AVX-512, time split / time sliced, fwd and fwd+bwd): LSTM T500 B32 H128 0.85 / 0.90, GRU same 0.79 /
+// 0.86, RNN T200 B16 H256 0.82 / 0.88, LSTM and GRU T100 B16 H256 0.92-0.95 / 0.90; B8-B12 within 3% either way;
+// B4 1.32 / 1.19 (too few rows to block); H512 (W_hh 3-4 MiB, past L2) 1.0-1.1. Returns the block boundaries
+// [0, ..., B]: one block (no split) unless chosen. FUSEDRNN_CPU_SPLIT=batch|hidden overrides (tests run both).
+inline std::vector<int64_t> batch_blocks(const Layout& L, bool small, size_t elem_bytes) {
+  const std::vector<int64_t> whole{0, L.B};
+  if (!small || L.T == 0 || at::in_parallel_region()) return whole;
+  const int64_t nblk = std::min<int64_t>(at::get_num_threads(), L.B);
+  bool split = L.B >= 8 * nblk && L.G * L.H * L.P * static_cast<int64_t>(elem_bytes) <= l2_bytes();
+  if (const char* e = std::getenv("FUSEDRNN_CPU_SPLIT")) {
+    if (std::strcmp(e, "batch") == 0) split = true;
+    if (std::strcmp(e, "hidden") == 0) split = false;
+  }
+  if (!split || nblk < 2) return whole;
+  // tokens of row j = number of steps with bs[t] > j; cumulative over rows, split at equal shares
+  std::vector<int64_t> len(L.B, 0);
+  for (int64_t t = 0; t < L.T; ++t) len[L.bs[t] - 1] += 1;
+  for (int64_t j = L.B - 2; j >= 0; --j) len[j] += len[j + 1];
+  const int64_t total = L.N;
+  std::vector<int64_t> out{0};
+  int64_t acc = 0;
+  for (int64_t j = 0; j < L.B; ++j) {
+    acc += len[j];
+    const int64_t k = static_cast<int64_t>(out.size());  // the boundary being placed, after row j
+    const int64_t later = nblk - k, remaining = L.B - (j + 1);  // blocks and rows after it: one row each at least
+    if (k < nblk && remaining >= later && (acc * nblk >= total * k || remaining == later)) out.push_back(j + 1);
+  }
+  out.push_back(L.B);
+  return out;
+}
+
+// Runs fn(i) for i in [0, n) on the intra-op threads, one task a thread. The tasks call ATen ops, so each worker
+// takes the caller's thread-local state first (at::parallel_for does not carry it): without it a worker runs
+// them with grad mode on and the autograd keys active, and an out= op on a parameter that requires grad fails.
+template <typename F>
+void in_threads(int64_t n, const F& fn) {
+  const at::ThreadLocalState tls;
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    at::ThreadLocalStateGuard guard(tls);
+    for (int64_t i = i0; i < i1; ++i) fn(i);
+  });
+}
+
+// Runs fn(j0, j1) over rows [0, b), split across threads when the step has enough elements to pay for it.
+template <typename F>
+void for_rows(int64_t b, int64_t width, const F& fn) {
+  constexpr int64_t kMinElems = 16384;
+  if (b * width < 2 * kMinElems) return fn(0, b);
+  at::parallel_for(0, b, std::max<int64_t>(1, kMinElems / width), fn);
+}
+
+// ---- time chunks ------------------------------------------------------------------------------------------------
+
+// The loops run over chunks of consecutive loop positions, whose rows are contiguous in the packed layout. The
+// workspaces that grow with the sequence (inference: the input projections; backward: the gate gradients and the
+// other operands of the weight-gradient GEMMs) are then chunk-sized, so memory beyond the outputs and the reserve
+// stays bounded however long the sequence, and a chunk's workspace is still in cache when its GEMMs run. A chunk
+// holds about kChunkRows rows (at least one step): enough for the GEMMs over it to run near their peak.
+// FUSEDRNN_CPU_CHUNK_ROWS overrides it (tests use a few rows to run many chunks on small shapes).
+constexpr int64_t kChunkRows = 512;
+
+inline int64_t chunk_rows() {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_CHUNK_ROWS")) {
+    const long v = std::atol(e);
+    if (v > 0) return v;
+  }
+  return kChunkRows;
+}
+
+struct Chunk {
+  int64_t s0, s1;  // loop positions [s0, s1)
+  int64_t r0, r1;  // packed rows [r0, r1)
+};
+
+// Chunks of the loop positions [0, T) of a direction, in loop order; a short tail joins the chunk before it.
+inline std::vector<Chunk> time_chunks(const Layout& L, bool reverse) {
+  auto rows_of = [&](int64_t s0, int64_t s1) {  // rows of loop positions [s0, s1): steps ta..tb
+    const int64_t ta = reverse ? L.T - s1 : s0, tb = reverse ? L.T - 1 - s0 : s1 - 1;
+    return std::pair<int64_t, int64_t>{L.offs[ta], L.offs[tb] + L.bs[tb]};
+  };
+  const int64_t target = chunk_rows();
+  std::vector<Chunk> out;
+  int64_t s0 = 0, rows = 0;
+  for (int64_t s = 0; s < L.T; ++s) {
+    rows += L.bs[reverse ? L.T - 1 - s : s];
+    if (rows >= target || s == L.T - 1) {
+      if (!out.empty() && rows < target / 2) s0 = out.back().s0, out.pop_back();
+      const auto [r0, r1] = rows_of(s0, s + 1);
+      out.push_back({s0, s + 1, r0, r1});
+      s0 = s + 1;
+      rows = 0;
+    }
+  }
+  return out;
+}
+
+// A chunk-sized buffer indexed by packed row: row r at p + (r - r0) * ld.
+template <typename T>
+struct RowBuf {
+  T* p = nullptr;
+  int64_t ld = 0, r0 = 0;
+  T* row(int64_t r) const { return p + (r - r0) * ld; }
+};
+
+// Per-thread packed weight slices of the persistent loops: slice sl of S at p + sl * pstride, npan panels a gate.
+// p == nullptr: not packed, the loops multiply by W_hh as it is (see pack_weights()).
+template <typename T>
+struct Packed {
+  Tensor buf;
+  T* p = nullptr;
+  int64_t S = 1, npan = 0, pstride = 0;
+  // Forward with a projection: W_hr [P, H] likewise, slice sl (rows [p0, p1) of slice_range(P, sl, S)) at
+  // pr + sl * prstride, npan_r panels of K = H.
+  T* pr = nullptr;
+  int64_t npan_r = 0, prstride = 0;
+};
+
+// Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
+// packed copy is as large as W_hh and lives through the call. Forward: the packed kernel wins at every batch
+// (2 threads, AVX-512, LSTM T100 H256: 15% at batch 1, 40% from batch 4). Backward: the vector-matrix kernel on
+// W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from batch 4 (2-3% at batch 8-32).
+// FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides (tests and benchmarks).
+inline bool pack_weights(const Layout& L, bool forward) {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_PACK")) {
+    if (std::strcmp(e, "0") == 0) return false;
+    if (std::strcmp(e, "1") == 0) return true;
+    if (std::strcmp(e, "fwd") == 0) return forward;
+    if (std::strcmp(e, "bwd") == 0) return !forward;
+  }
+  return forward || L.B > 2;
+}
+
+inline std::vector<Tensor> contiguous_all(at::TensorList ws) {
+  std::vector<Tensor> r;
+  r.reserve(ws.size());
+  for (const auto& w : ws) r.push_back(w.contiguous());
+  return r;
+}
+
+}  // namespace fusedrnn::cpu::loops
