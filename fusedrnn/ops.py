@@ -137,7 +137,8 @@ rnn_layer.register_autograd(_backward, setup_context=_setup_context)
 # wrapper), which costs about 60 us a forward call and 250 us a forward+backward, as much as a whole small layer
 # (an LSTMCell step in a decoder loop). Whenever something may be watching the op itself (torch.compile / export,
 # TorchScript tracing, a torch function or dispatch mode such as FakeTensorMode, a functorch transform, tensor
-# subclasses), `layer` calls the op as before.
+# subclasses), `layer` calls the op as before. With grad mode off (no_grad, inference_mode) there is no graph to
+# record, and the eager path calls the body directly, without the autograd.Function either.
 
 class _EagerLayer(torch.autograd.Function):
     @staticmethod
@@ -194,6 +195,8 @@ def layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Te
     """One layer: torch.ops.fusedrnn.rnn_layer (same arguments and results), through the eager path when nothing
     but eager autograd is running (see above)."""
     if _plain_eager((x, batch_sizes, hx, cx, *weights)):
+        if not torch.is_grad_enabled():  # no graph to record (no_grad, inference_mode): the body alone
+            return _layer_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend)
         return _EagerLayer.apply(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights)
     return torch.ops.fusedrnn.rnn_layer(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train,
                                         backend)

@@ -196,6 +196,26 @@ def test_eager_path_equals_the_op_bitwise(kind, kw, backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_no_grad_path_equals_the_op_bitwise(grad_off, backend, monkeypatch):
+    """With grad mode off the eager path calls the layer's body without an autograd.Function (nothing to record):
+    the same results, bitwise, as the op, and tensors without a graph as torch.nn gives."""
+    def no_function(*args):
+        raise AssertionError("grad mode is off: the layer should not go through _EagerLayer")
+    monkeypatch.setattr(fusedrnn.ops._EagerLayer, "apply", no_function)
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, backend=backend).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    with grad_off():
+        y, (h, c) = m(x)
+        with _Watching():
+            y_op, (h_op, c_op) = m(x)
+    for a, b in [(y, y_op), (h, h_op), (c, c_op)]:
+        assert torch.equal(a, b)
+        assert a.grad_fn is None and not a.requires_grad
+
+
 def test_eager_path_is_left_under_fake_tensors_and_dispatch_modes():
     """Under FakeTensorMode (a dispatch mode) the modules call the op, whose fake gives the shapes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
