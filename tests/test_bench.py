@@ -411,3 +411,18 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     assert "gru-T100-B1-I256-H256-fp32" in out and "lstm" not in out.split("cases")[0]
     assert main(["--list", "--cells", "lstm,foo"]) == 2
+
+
+def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tiny_results):
+    """The better of the peaks measured before and after the run is kept and every peak_frac follows it; where
+    torch.nn still ran above the peak (a machine whose speed drifted) the targets table gives no ceiling."""
+    res = copy.deepcopy(tiny_results)
+    row = next(r for r in res["rows"] if r.get("target") is not None)
+    nn = row["impls"]["torch"]
+    harness.apply_gemm_peak(res, {"float32": {"n": 64, "dtype": "float32", "gflops": nn["gflops"] * 2}})
+    assert nn["peak_frac"] == pytest.approx(0.5) and report.ceiling(row) == pytest.approx(2.0)
+    assert all(imp["peak_frac"] == pytest.approx(imp["gflops"] / (nn["gflops"] * 2))
+               for r in res["rows"] for imp in r["impls"].values() if imp.get("gflops") is not None)
+    harness.apply_gemm_peak(res, {"float32": {"n": 64, "dtype": "float32", "gflops": nn["gflops"] / 1.25}})
+    assert nn["peak_frac"] == pytest.approx(1.25) and report.ceiling(row) is None
+    assert schema.validate(res) == []

@@ -353,6 +353,16 @@ def _memory(module, case, device, dtype, mode, prepare) -> dict:
 
 # ---- the whole run -------------------------------------------------------------------------------------------
 
+def apply_gemm_peak(res: dict, peaks: dict) -> None:
+    """Sets res's GEMM peaks ({dtype name: gemm_peak() dict}) and every row's peak_frac from them (in place)."""
+    res["gemm_peak"] = peaks
+    for r in res["rows"]:
+        peak = (peaks.get(r["case"]["dtype"]) or {}).get("gflops")
+        for imp in r["impls"].values():
+            if imp.get("gflops") is not None:
+                imp["peak_frac"] = imp["gflops"] / peak if peak else None
+
+
 def run_suite(cases: list[Case], backends: list[str], device: torch.device, settings: Settings, *,
               factories: dict[str, Callable] | None = None, machine: dict | None = None,
               gemm_peak: dict | None = None, primary: str | None = None, config: dict | None = None,

@@ -122,15 +122,17 @@ def targets_table(res: dict) -> str | None:
 
 CEILING_NOTE = ("Ceiling: the speed-up a backend would reach if its GEMMs ran at this machine's GEMM peak and "
                 "everything else (gates, synchronisation, memory traffic) were free, i.e. 1 / torch.nn's fraction "
-                "of the peak; a target above it cannot be met on this machine.")
+                "of the peak; a target above it cannot be met on this machine (\"-\": torch.nn ran above the peak "
+                "measured before and after the run, so the peak bounds nothing there).")
 
 
 def ceiling(row: dict) -> float | None:
     """1 / (torch.nn's fraction of the GEMM peak) for a (case, mode) row: the best speed-up over torch.nn that any
-    implementation doing the same GEMM flops can reach on this machine."""
+    implementation doing the same GEMM flops can reach on this machine. None where torch.nn ran above the measured
+    peak (the machine was faster during the case than while the peak was measured: the peak bounds nothing)."""
     nn = row["impls"].get("torch")
     f = nn.get("peak_frac") if nn and nn.get("status") == "ok" else None
-    return 1.0 / f if f else None
+    return 1.0 / f if f and f <= 1.0 else None
 
 
 def summary_table(res: dict) -> str | None:
