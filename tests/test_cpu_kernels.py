@@ -155,7 +155,8 @@ def test_both_time_loops(mode, case, loop, monkeypatch):
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (2, 4, [7, 6, 2, 2], 3)),
                                        ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (2, 3, [6, 4, 4], 0)),
-                                       ("lstm", (1, 7, [9, 9, 8, 6, 6, 2, 1], 4)), ("gru", (1, 3, None, 0))])
+                                       ("lstm", (1, 7, [9, 9, 8, 6, 6, 2, 1], 4)), ("gru", (1, 3, None, 0)),
+                                       ("lstm", (2, 3, None, 2))])
 def test_time_chunks(mode, case, loop, chunk_rows, schedule, monkeypatch):
     """The loops run the sequence in chunks of about FUSEDRNN_CPU_CHUNK_ROWS packed rows (inference: the input
     projections chunk by chunk; backward: the gate gradients and the weight-gradient GEMMs): one row (a chunk per
@@ -163,7 +164,8 @@ def test_time_chunks(mode, case, loop, chunk_rows, schedule, monkeypatch):
     than the sequence has (one chunk) give the same forward (train and inference) and backward; with the
     persistent loop's threads on the two directions (FUSEDRNN_CPU_DIRS=parallel), on slices of hidden units
     (serial directions) or on blocks of batch rows (FUSEDRNN_CPU_SPLIT=batch; uneven lengths: blocks of unequal
-    row counts, some of whose sequences end, or in reverse begin, before others')."""
+    row counts, some of whose sequences end, or in reverse begin, before others'). Equal lengths: dW_hh from
+    views of y and hx (chunks with and without the first step of either direction) instead of a gathered H_prev."""
     monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
     monkeypatch.setenv("FUSEDRNN_CPU_DIRS", "parallel" if schedule == "dirs-parallel" else "serial")
     monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", "batch" if schedule == "batch-split" else "hidden")
@@ -175,12 +177,33 @@ def test_time_chunks(mode, case, loop, chunk_rows, schedule, monkeypatch):
     y, hy, cy, _ = forward("cpu", args, False)
     torch.testing.assert_close(y, ref["y"], rtol=0, atol=TOL[torch.float64])
     torch.testing.assert_close(hy, ref["hy"], rtol=0, atol=TOL[torch.float64])
-    # grad_y expanded from one row (as y.sum() gives it, strides 0): copied chunk by chunk, same gradients
+    # grad_y expanded from one row (strides (0, 1)): read in place with row stride 0, same gradients
     expanded = (grads[0][:1].expand_as(grads[0]), *grads[1:])
     monkeypatch.delenv("FUSEDRNN_CPU_CHUNK_ROWS")
     ref = run("reference", args, expanded)
     monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", str(chunk_rows))
     assert_match(run("cpu", args, expanded), ref, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("layout", ["scalar-expanded", "row-slice", "transposed"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 4, [5, 4, 2, 2], 3)), ("gru", (1, 3, None, 0))])
+def test_grad_y_layouts(mode, case, layout, monkeypatch):
+    """grad_y in the layouts autograd hands over: expanded from a scalar (y.sum(), strides (0, 0): one row read
+    with row stride 0), a slice of wider rows (row stride above the width: read in place), transposed (column
+    stride not 1: copied chunk by chunk); every one gives the gradients of the same values held contiguously."""
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=5, H=24, proj=proj, dtype=torch.float64)
+    g = grads[0]
+    if layout == "scalar-expanded":
+        g = torch.tensor(0.75, dtype=g.dtype).expand_as(g)
+    elif layout == "row-slice":
+        g = torch.cat([g, torch.randn_like(g)], 1)[:, :g.shape[1]]
+    else:
+        g = g.t().contiguous().t()
+    assert not g.is_contiguous()
+    ref = run("reference", args, (g.contiguous(), *grads[1:]))
+    assert_match(run("cpu", args, (g, *grads[1:])), ref, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -179,6 +179,27 @@ void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first) {
   else out.addmm_(a, b);
 }
 
+// dW_hh (+)= dG^T H_prev over a chunk's rows when every step has the whole batch (B rows): the h_prev of packed
+// row r is then y's row r - B (r + B reversed) in this direction's columns, or hx's for the loop's first step, so
+// two GEMMs on views of y and hx do it without a gathered copy of H_prev. dg: the chunk's [rows, G*H] gradients.
+template <typename T>
+void w_hh_grad_uniform(const Dir<T>& dir, const Chunk& ch, const Tensor& dg, const Tensor& y_d, const Tensor& hx_d,
+                       Tensor& g_hh, bool first) {
+  const int64_t B = dir.L->B, N = dir.L->N;
+  // rows [lo, hi) whose previous step is in y; [h_lo, h_hi) those of the loop's first step (previous: hx)
+  const int64_t lo = dir.reverse ? ch.r0 : std::max(ch.r0, B);
+  const int64_t hi = dir.reverse ? std::min(ch.r1, N - B) : ch.r1;
+  const int64_t h_lo = dir.reverse ? std::max(ch.r0, N - B) : ch.r0;
+  const int64_t h_hi = dir.reverse ? ch.r1 : std::min(ch.r1, B);
+  if (lo < hi) {
+    mm_acc(g_hh, dg.narrow(0, lo - ch.r0, hi - lo).t(), y_d.narrow(0, dir.reverse ? lo + B : lo - B, hi - lo), first);
+    first = false;
+  }
+  if (h_lo < h_hi)
+    mm_acc(g_hh, dg.narrow(0, h_lo - ch.r0, h_hi - h_lo).t(),
+           hx_d.narrow(0, dir.reverse ? h_lo - (N - B) : h_lo, h_hi - h_lo), first);
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const Layout& L, const Tensor& grad_y_, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x_,
@@ -187,9 +208,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   const KernelTable<T>& K = table<T>();
   const auto ws = contiguous_all(weights);
   const Tensor x = x_.contiguous(), hx = hx_.contiguous(), y = y_.contiguous();
-  // grad_y as it comes when it is contiguous; else (an expanded tensor, as the gradient of y.sum() is) a
-  // contiguous copy of each chunk's rows, never a copy of the whole.
-  const bool gy_whole = grad_y_.is_contiguous();
   const Tensor& gy = grad_y_;
   Tensor reserve = reserve_.contiguous();
   const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
@@ -198,6 +216,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   TORCH_CHECK(reserve.numel() == L.D * L.N * L.R && (L.R == 0 || reserve.dim() == 3),
               "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
   TORCH_CHECK(gy.sizes() == y.sizes(), "fusedrnn: grad_y should have the shape of y");
+  // grad_y as it comes while its columns are contiguous, whatever its row stride; an expanded tensor (the gradient
+  // of y.sum() has strides (0, 0)) as one contiguous row read with row stride 0; else a contiguous copy of each
+  // chunk's rows, never a copy of the whole.
+  const bool gy_whole = gy.size(1) <= 1 || gy.stride(1) == 1;
+  const Tensor gy_row = !gy_whole && L.N > 0 && gy.stride(0) == 0 ? gy.narrow(0, 0, 1).contiguous() : Tensor();
 
   Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
   Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
@@ -214,6 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   // Directions on their own threads cannot both accumulate into grad_x: the reverse one writes its own copy.
   Tensor grad_x_rev = parallel_dirs && L.T ? alloc({L.N, L.I}, opts) : Tensor();
   Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
+  const bool uniform = L.B > 0 && L.T > 0 && L.bs[L.T - 1] == L.B;  // every step has the whole batch
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, reserve);
     const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
@@ -222,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     Tensor dg = alloc({max_rows, GH}, opts);
     Tensor dgh = L.mode == kGRU ? alloc({max_rows, GH}, opts) : Tensor();
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
-    Tensor hprev = alloc({max_rows, L.P}, opts);
+    Tensor hprev = uniform ? Tensor() : alloc({max_rows, L.P}, opts);
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
     const Packed<T> pk = small && L.T ? pack_backward(dir, K, nblk > 1 ? 1 : small_slices(L)) : Packed<T>{};
     Tensor& g_ih = gw[d * L.group + 0];
@@ -237,7 +261,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
                     L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr, RowBuf<const T>{}};
       Tensor gy_chunk;
       if (gy_whole) {
-        bb.gy = {gy.data_ptr<T>(), L.D * L.P, 0};
+        bb.gy = {gy.data_ptr<T>(), gy.stride(0), 0};
+      } else if (gy_row.defined()) {
+        bb.gy = {gy_row.data_ptr<T>(), 0, 0};
       } else {
         gy_chunk = gy.narrow(0, ch.r0, rows).contiguous();
         bb.gy = {gy_chunk.data_ptr<T>(), L.D * L.P, ch.r0};
@@ -254,9 +280,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
       const Tensor dg_c = dg.narrow(0, 0, rows);
       const Tensor dg_rec = dgh.defined() ? dgh.narrow(0, 0, rows) : dg_c;
-      gather_h_prev(dir, ch, hprev.data_ptr<T>());
       mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows), first);
-      mm_acc(g_hh, dg_rec.t(), hprev.narrow(0, 0, rows), first);
+      if (uniform) {
+        w_hh_grad_uniform(dir, ch, dg_rec, y.narrow(1, d * L.P, L.P), hx[d], g_hh, first);
+      } else {
+        gather_h_prev(dir, ch, hprev.data_ptr<T>());
+        mm_acc(g_hh, dg_rec.t(), hprev.narrow(0, 0, rows), first);
+      }
       Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
       mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
       if (L.bias) {

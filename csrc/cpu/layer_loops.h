@@ -413,8 +413,11 @@ struct Packed {
 // Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
 // packed copy is as large as W_hh and lives through the call. Forward: the packed kernel wins at every batch
 // (2 threads, AVX-512, LSTM T100 H256: 15% at batch 1, 40% from batch 4). Backward: the vector-matrix kernel on
-// W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from batch 4 (2-3% at batch 8-32).
-// FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides (tests and benchmarks).
+// W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from batch 4 by 1-4% (fwd+bwd, LSTM T100
+// B16 H256 1.2%, GRU same 2.9%, LSTM T500 B32 H128 4.4%, LSTM T100 B64 H512 3.4%); the backward packs only while
+// its copy adds at most an eighth to the reserve (G*H*P <= N*G*H / 8): on short sequences and small batches
+// the copy was what put the peak memory of forward+backward above torch.nn's (RNN T100 B4 H512: 1.17x, 0.96x
+// without it). FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides (tests and benchmarks).
 inline bool pack_weights(const Layout& L, bool forward) {
   if (const char* e = std::getenv("FUSEDRNN_CPU_PACK")) {
     if (std::strcmp(e, "0") == 0) return false;
@@ -422,7 +425,7 @@ inline bool pack_weights(const Layout& L, bool forward) {
     if (std::strcmp(e, "fwd") == 0) return forward;
     if (std::strcmp(e, "bwd") == 0) return !forward;
   }
-  return forward || L.B > 2;
+  return forward || (L.B > 2 && 8 * L.P <= L.N);
 }
 
 inline std::vector<Tensor> contiguous_all(at::TensorList ws) {
