@@ -12,7 +12,8 @@ using namespace loops;
 // Buffers of one direction's backward loop. Chunk-sized, row r at (r - r0): dg [rows, G*H] input-side gate
 // gradients; dgh GRU [rows, G*H] recurrent-side gate gradients; dht proj [rows, P] total gradient w.r.t. h per
 // step. State: dhf proj [B, H]; dh [B, P] and dc [B, H] running state gradients (in: grad_hy / grad_cy, out:
-// grad_hx / grad_cx). gy: rows of grad_y [N, D*P] (all of them, or a contiguous copy of the chunk's).
+// grad_hx / grad_cx). gy: rows of grad_y [N, D*P] (in place at its row stride, one row at stride 0, or a
+// contiguous copy of the chunk's).
 template <typename T>
 struct BwdBufs {
   T* dg;
