@@ -150,6 +150,22 @@ def test_both_time_loops(mode, case, loop, monkeypatch):
     assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
 
 
+@pytest.mark.parametrize("pack", ["0", "1"], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("B", range(1, 9))
+def test_small_batch_kernels_float32(B, pack, capability, monkeypatch):
+    """Every batch-row block of the persistent loop's kernels in float32, where the AVX-512 and AVX2 builds sum
+    the matrix-vector product's accumulators with a shuffle tree: batch 1-8 (B > 4 blocks of 2 weight rows,
+    B 3-4 of 4, 2 of 8, 1 of 16 with AVX-512), H = 40 (thread slices of 24 and 16 rows: whole blocks and tails;
+    K = 40 is not a multiple of the vector width), on W_hh as it is and on packed panels."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", "persistent")
+    monkeypatch.setenv("FUSEDRNN_CPU_PACK", pack)
+    monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", "hidden")
+    for mode in ("lstm", "gru"):
+        args, grads = make_case(mode, 1, B, None, I=7, H=40, proj=0, dtype=torch.float64)
+        assert_match(run("cpu", args, grads, dtype=torch.float32), run("reference", args, grads),
+                     TOL[torch.float32])
+
+
 @pytest.mark.parametrize("schedule", ["dirs-parallel", "dirs-serial", "batch-split"])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 9])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])

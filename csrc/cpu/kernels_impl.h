@@ -249,16 +249,71 @@ inline T hsum(const Vec<T>& v) {
   return s;
 }
 
+// sums[i] = the sum of the lanes of a[i], for i < N (N <= V): float in the AVX-512 and AVX2 builds reduces all N
+// vectors at once by a tree of shuffles and adds (N - 1 vector adds and twice that in shuffles, against N stores
+// and N * V scalar adds one at a time), else lane by lane. Rows past N are zero.
+template <typename T, int N>
+inline void hsums(const Vec<T>* a, T* sums) {
+  constexpr int V = Vec<T>::size();
+  static_assert(N >= 1 && N <= V, "one vector of sums at most");
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 x[16];
+    UNROLL
+    for (int i = 0; i < 16; ++i) x[i] = i < N ? __m512(a[i]) : _mm512_setzero_ps();
+    // The halves of pairs: lanes 0-1 hold row 2i's 256-bit halves summed, lanes 2-3 row 2i+1's.
+    UNROLL
+    for (int i = 0; i < 8; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xEE));
+    // 128-bit lane L of x[i] now holds 4 partial sums of row 4i + L.
+    UNROLL
+    for (int i = 0; i < 4; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
+    UNROLL
+    for (int i = 0; i < 2; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44), _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    // Element 4L + m: the sum of row 4m + L.
+    alignas(64) float t[16];
+    _mm512_store_ps(t, _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD)));
+    UNROLL
+    for (int i = 0; i < N; ++i) sums[i] = t[4 * (i % 4) + i / 4];
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 x[8];
+    UNROLL
+    for (int i = 0; i < 8; ++i) x[i] = i < N ? __m256(a[i]) : _mm256_setzero_ps();
+    // 128-bit lane L of x[i]: 4 partial sums of row 2i + L.
+    UNROLL
+    for (int i = 0; i < 4; ++i)
+      x[i] = _mm256_add_ps(_mm256_permute2f128_ps(x[2 * i], x[2 * i + 1], 0x20),
+                           _mm256_permute2f128_ps(x[2 * i], x[2 * i + 1], 0x31));
+    UNROLL
+    for (int i = 0; i < 2; ++i)
+      x[i] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44), _mm256_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    // Element 4L + m: the sum of row 2m + L.
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD)));
+    UNROLL
+    for (int i = 0; i < N; ++i) sums[i] = t[4 * (i % 2) + i / 2];
+    return;
+  }
+#endif
+  UNROLL
+  for (int i = 0; i < N; ++i) sums[i] = hsum(a[i]);
+}
+
 // NR weight rows x NB batch rows of out[j, r] = sum_k h_j[k] W[r, k]; NR * NB accumulators stay in registers.
 template <typename T, int NB, int NR>
 inline void matvec_block(const T* W, int64_t ldw, int64_t K, const T* const* h, T* out, int64_t ldo,
                          bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
-  Vec<T> acc[NR][NB];
+  Vec<T> acc[NR * NB];
   UNROLL
-  for (int i = 0; i < NR; ++i)
-    UNROLL
-    for (int jb = 0; jb < NB; ++jb) acc[i][jb] = Vec<T>(T(0));
+  for (int i = 0; i < NR * NB; ++i) acc[i] = Vec<T>(T(0));
   const int64_t Kv = K - K % V;
   for (int64_t k = 0; k < Kv; k += V) {
     Vec<T> hv[NB];
@@ -268,14 +323,19 @@ inline void matvec_block(const T* W, int64_t ldw, int64_t K, const T* const* h, 
     for (int i = 0; i < NR; ++i) {
       const Vec<T> w = Vec<T>::loadu(W + i * ldw + k);
       UNROLL
-      for (int jb = 0; jb < NB; ++jb) acc[i][jb] = at::vec::fmadd(w, hv[jb], acc[i][jb]);
+      for (int jb = 0; jb < NB; ++jb) acc[i * NB + jb] = at::vec::fmadd(w, hv[jb], acc[i * NB + jb]);
     }
   }
+  constexpr int NA = NR * NB, G = std::min<int>(NA, V), FULL = NA / G * G;  // reduced G accumulators at a time
+  T sums[NA];
+  UNROLL
+  for (int g = 0; g < FULL; g += G) hsums<T, G>(acc + g, sums + g);
+  if constexpr (NA > FULL) hsums<T, NA - FULL>(acc + FULL, sums + FULL);
   UNROLL
   for (int i = 0; i < NR; ++i) {
     UNROLL
     for (int jb = 0; jb < NB; ++jb) {
-      T s = hsum(acc[i][jb]);
+      T s = sums[i * NB + jb];
       for (int64_t k = Kv; k < K; ++k) s += W[i * ldw + k] * h[jb][k];
       T* o = out + jb * ldo + i;
       *o = accumulate ? *o + s : s;
@@ -283,10 +343,22 @@ inline void matvec_block(const T* W, int64_t ldw, int64_t K, const T* const* h, 
   }
 }
 
+// Weight rows a block: with the vector reductions, NR * NB fills one vector of sums (16 float lanes with AVX-512,
+// 8 with AVX2) within the registers (NR * NB accumulators + NB rows of h + a weight vector); elsewhere as before.
+template <typename T, int NB>
+constexpr int matvec_rows() {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return NB == 1 ? 16 : NB == 2 ? 8 : NB <= 4 ? 4 : 2;
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
+#endif
+  return NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
+}
+
 template <typename T, int NB>
 void matvec_nb(const T* W, int64_t ldw, int64_t NRows, int64_t K, const T* const* h, T* out, int64_t ldo,
                bool accumulate) {
-  constexpr int NR = NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
+  constexpr int NR = matvec_rows<T, NB>();
   int64_t r = 0;
   for (; r + NR <= NRows; r += NR) matvec_block<T, NB, NR>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
   for (; r < NRows; ++r) matvec_block<T, NB, 1>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);

@@ -411,13 +411,20 @@ struct Packed {
 };
 
 // Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
-// packed copy is as large as W_hh and lives through the call. Forward: the packed kernel wins at every batch
-// (2 threads, AVX-512, LSTM T100 H256: 15% at batch 1, 40% from batch 4). Backward: the vector-matrix kernel on
-// W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from batch 4 by 1-4% (fwd+bwd, LSTM T100
-// B16 H256 1.2%, GRU same 2.9%, LSTM T500 B32 H128 4.4%, LSTM T100 B64 H512 3.4%); the backward packs only while
-// its copy adds at most an eighth to the reserve (G*H*P <= N*G*H / 8): on short sequences and small batches
-// the copy was what put the peak memory of forward+backward above torch.nn's (RNN T100 B4 H512: 1.17x, 0.96x
-// without it). FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides (tests and benchmarks).
+// packed copy is as large as W_hh and lives through the call; packing reads W_hh from memory once and writes the
+// copy (LSTM H256: 0.17-0.3 ms a call, more once W_hh and its copy outgrow L2).
+// Forward: at batch 1-2 the unpacked kernel (KernelTable::matvec, whose horizontal sums are a shuffle tree) runs a
+// step as fast as the packed one, so packing never pays (2 threads, AVX-512, LSTM fwd, time packed / unpacked:
+// H256 B1 T1 1.63, T100 1.05, T400 0.99; B2 T200 1.06; H512 B1 T200 1.04). From batch 3 the register-blocked panels
+// win per step by more the shorter K = P is (the sums' share), against a fixed cost: they pay from about 2N >= P
+// packed rows (H256 B4: T8 1.10, T32 0.98, T100 0.98; B8 T4 1.09, T16 0.84; B16 T4 1.02, T16 0.78; H128 B4 T16 0.88,
+// T128 0.80; B3 T16 1.2, T200 0.94; H512 B64 T1 1.46, T2 1.06, T4 0.95).
+// Backward: the vector-matrix kernel on W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from
+// batch 4 by 1-4% (fwd+bwd, LSTM T100 B16 H256 1.2%, GRU same 2.9%, LSTM T500 B32 H128 4.4%, LSTM T100 B64 H512
+// 3.4%); the backward packs only while its copy adds at most an eighth to the reserve (G*H*P <= N*G*H / 8): on
+// short sequences and small batches the copy was what put the peak memory of forward+backward above torch.nn's
+// (RNN T100 B4 H512: 1.17x, 0.96x without it). FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides
+// (tests and benchmarks).
 inline bool pack_weights(const Layout& L, bool forward) {
   if (const char* e = std::getenv("FUSEDRNN_CPU_PACK")) {
     if (std::strcmp(e, "0") == 0) return false;
@@ -425,7 +432,8 @@ inline bool pack_weights(const Layout& L, bool forward) {
     if (std::strcmp(e, "fwd") == 0) return forward;
     if (std::strcmp(e, "bwd") == 0) return !forward;
   }
-  return forward || (L.B > 2 && 8 * L.P <= L.N);
+  if (forward) return L.B > 2 && 2 * L.N >= L.P;
+  return L.B > 2 && 8 * L.P <= L.N;
 }
 
 inline std::vector<Tensor> contiguous_all(at::TensorList ws) {
