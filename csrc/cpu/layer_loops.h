@@ -291,37 +291,70 @@ inline bool directions_in_parallel(const Layout& L, bool small, size_t elem_byte
 
 // Split batch: the persistent loop's threads take contiguous blocks of batch rows instead of slices of hidden
 // units; each runs its rows' whole recurrence alone (no barrier, no h another thread wrote), multiplying by all of
-// W_hh. The blocks hold about equal numbers of tokens (sequences are sorted longest first, so a block of long
-// sequences has fewer rows). Chosen from 8 rows a thread while W_hh fits a thread's L2 cache. Measured (2
-// threads, AVX-512, time split / time sliced, fwd and fwd+bwd): LSTM T500 B32 H128 0.85 / 0.90, GRU same 0.79 /
-// 0.86, RNN T200 B16 H256 0.82 / 0.88, LSTM and GRU T100 B16 H256 0.92-0.95 / 0.90; B8-B12 within 3% either way;
-// B4 1.32 / 1.19 (too few rows to block); H512 (W_hh 3-4 MiB, past L2) 1.0-1.1. Returns the block boundaries
-// [0, ..., B]: one block (no split) unless chosen. FUSEDRNN_CPU_SPLIT=batch|hidden overrides (tests run both).
+// W_hh. Chosen from 8 rows a thread while W_hh fits a thread's L2 cache. Measured (2 threads, AVX-512, time split /
+// time sliced, fwd and fwd+bwd): LSTM T500 B32 H128 0.85 / 0.90, GRU same 0.79 / 0.86, RNN T200 B16 H256 0.82 /
+// 0.88, LSTM and GRU T100 B16 H256 0.92-0.95 / 0.90; B8-B12 within 3% either way; B4 1.32 / 1.19 (too few rows to
+// block); H512 (W_hh 3-4 MiB, past L2) 1.0-1.1. With lengths uniform in [T/10, T] (ratio of time split / sliced,
+// fwd and fwd+bwd): LSTM T100 H256 B16 1.04-1.06 / 1.05, B32 1.06 / 1.03, GRU T100 B16 H256 1.03 / 1.05, but LSTM
+// T500 B32 H128 (W_hh 256 KiB) 0.95 / 0.89. The blocks are cut so that the most expensive costs least (see
+// block_cost(); sequences are sorted longest first, so a block of long sequences has fewer rows). Returns the block
+// boundaries [0, ..., B]: one block (no split) unless chosen. FUSEDRNN_CPU_SPLIT=batch|hidden overrides (tests run
+// both).
+//
+// A block's cost in row-steps: its tokens, plus, at each step where fewer than kStepRows of its rows are alive,
+// the rows missing to kStepRows: a step streams all of W_hh from L2 however few rows multiply it, which takes
+// about as long as the arithmetic of two rows (1 MiB at ~115 GB/s against 0.5 MFLOP a row at ~140 GFLOP/s). len:
+// the sequence length of each row (non-increasing), cum: its prefix sums.
+constexpr int64_t kStepRows = 2;
+
+inline int64_t block_cost(const std::vector<int64_t>& len, const std::vector<int64_t>& cum, int64_t j0, int64_t j1) {
+  int64_t c = cum[j1] - cum[j0];
+  // steps with exactly r of the block's rows alive: len[j0 + r] <= t < len[j0 + r - 1]
+  for (int64_t r = 1; r < kStepRows && j0 + r - 1 < j1; ++r)
+    c += (kStepRows - r) * (len[j0 + r - 1] - (j0 + r < j1 ? len[j0 + r] : 0));
+  return c;
+}
+
 inline std::vector<int64_t> batch_blocks(const Layout& L, bool small, size_t elem_bytes) {
   const std::vector<int64_t> whole{0, L.B};
   if (!small || L.T == 0 || at::in_parallel_region()) return whole;
   const int64_t nblk = std::min<int64_t>(at::get_num_threads(), L.B);
-  bool split = L.B >= 8 * nblk && L.G * L.H * L.P * static_cast<int64_t>(elem_bytes) <= l2_bytes();
+  // Lengths that vary (under 90% of B*T tokens): blocks of long sequences spend many steps with few rows, where a
+  // step costs the stream of all of W_hh from L2 (a thread slice streams half); split only while W_hh is small.
+  const bool even = 10 * L.N >= 9 * L.B * L.T;
+  const int64_t w_bytes = L.G * L.H * L.P * static_cast<int64_t>(elem_bytes);
+  bool split = L.B >= 8 * nblk && w_bytes <= (even ? l2_bytes() : l2_bytes() / 4);
   if (const char* e = std::getenv("FUSEDRNN_CPU_SPLIT")) {
     if (std::strcmp(e, "batch") == 0) split = true;
     if (std::strcmp(e, "hidden") == 0) split = false;
   }
   if (!split || nblk < 2) return whole;
-  // tokens of row j = number of steps with bs[t] > j; cumulative over rows, split at equal shares
-  std::vector<int64_t> len(L.B, 0);
+  std::vector<int64_t> len(L.B, 0), cum(L.B + 1, 0);  // len[j]: steps with more than j rows
   for (int64_t t = 0; t < L.T; ++t) len[L.bs[t] - 1] += 1;
   for (int64_t j = L.B - 2; j >= 0; --j) len[j] += len[j + 1];
-  const int64_t total = L.N;
-  std::vector<int64_t> out{0};
-  int64_t acc = 0;
-  for (int64_t j = 0; j < L.B; ++j) {
-    acc += len[j];
-    const int64_t k = static_cast<int64_t>(out.size());  // the boundary being placed, after row j
-    const int64_t later = nblk - k, remaining = L.B - (j + 1);  // blocks and rows after it: one row each at least
-    if (k < nblk && remaining >= later && (acc * nblk >= total * k || remaining == later)) out.push_back(j + 1);
+  for (int64_t j = 0; j < L.B; ++j) cum[j + 1] = cum[j] + len[j];
+  // Greedy cut under a bound on the cost (the cost only grows as a block takes more rows), every block at least
+  // one row; the least bound that leaves no row over, by bisection.
+  auto cut = [&](int64_t bound) {
+    std::vector<int64_t> out{0};
+    for (int64_t k = 1; k < nblk; ++k) {
+      const int64_t j0 = out.back();
+      int64_t j1 = j0 + 1;
+      while (j1 < L.B - (nblk - k) && block_cost(len, cum, j0, j1 + 1) <= bound) ++j1;
+      out.push_back(j1);
+    }
+    out.push_back(L.B);
+    return out;
+  };
+  // Any block holding row 0 costs at least that row alone, and no single row costs more.
+  int64_t lo = block_cost(len, cum, 0, 1), hi = block_cost(len, cum, 0, L.B);
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const std::vector<int64_t> b = cut(mid);
+    if (block_cost(len, cum, b[nblk - 1], L.B) <= mid) hi = mid;
+    else lo = mid + 1;
   }
-  out.push_back(L.B);
-  return out;
+  return cut(lo);
 }
 
 // Runs fn(i) for i in [0, n) on the intra-op threads, one task a thread. The tasks call ATen ops, so each worker
