@@ -166,9 +166,11 @@ def _peak_case_id(case):
 
 def _target_cases():
     """Issue 3's cases, and small ones of the benchmark grid where fixed workspaces weigh most (a packed copy of
-    W_hh in the backward, a gathered H_prev, a copy of an expanded grad_y once put these at 1.2-1.5x torch.nn)."""
+    W_hh in the backward, a gathered H_prev, a copy of an expanded grad_y once put these at 1.2-1.5x torch.nn; GRU's
+    recurrent-side gate gradients held apart from the input side's, at 1.0-1.09x)."""
     from fusedrnn.bench.cases import CPU_TARGETS, Case
-    return CPU_TARGETS + (Case("rnn", 100, 4, 512, 512), Case("rnn", 10, 16, 256, 256), Case("lstm", 10, 16, 256, 256))
+    return CPU_TARGETS + (Case("rnn", 100, 4, 512, 512), Case("rnn", 10, 16, 256, 256), Case("lstm", 10, 16, 256, 256),
+                          Case("gru", 50, 16, 256, 256), Case("gru", 100, 4, 512, 512), Case("gru", 10, 16, 256, 256))
 
 
 @pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")

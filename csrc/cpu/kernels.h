@@ -52,7 +52,8 @@ struct BwdArgs {
   const T* y = nullptr; int64_t ld_y = 0;      // RNN [b, H]: h of this step (activation derivative)
   T* dc = nullptr; int64_t ld_dc = 0;          // LSTM [b, H]: dc in, dc_prev out (in place)
   T* dg = nullptr; int64_t ld_dg = 0;          // [b, G*H] gradient w.r.t. pre-activations (GRU: input side)
-  T* dgh = nullptr; int64_t ld_dgh = 0;        // GRU [b, 3H]: gradient w.r.t. h_prev W_hh^T + b_hh
+  T* dgh = nullptr; int64_t ld_dgh = 0;        // GRU [b, H]: gradient w.r.t. h_prev W_hn^T + b_hn (r * dn; the
+                                               // r and z parts equal dg's)
   T* dhp = nullptr; int64_t ld_dhp = 0;        // GRU [b, H]: receives z * dh (may alias dh)
 };
 

@@ -200,9 +200,7 @@ void gru_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
       st(dpr, dg + k, n);
       st(dpz, dg + H + k, n);
       st(dpn, dg + 2 * H + k, n);
-      st(dpr, dgh + k, n);
-      st(dpz, dgh + H + k, n);
-      st(dpn * r, dgh + 2 * H + k, n);
+      st(dpn * r, dgh + k, n);
       st(dh * z, dhprev + k, n);
     }
   }

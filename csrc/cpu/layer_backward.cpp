@@ -9,8 +9,9 @@ using namespace loops;
 
 // ---- backward ---------------------------------------------------------------------------------------------------
 
-// Buffers of one direction's backward loop. Chunk-sized, row r at (r - r0): dg [rows, G*H] input-side gate
-// gradients; dgh GRU [rows, G*H] recurrent-side gate gradients; dht proj [rows, P] total gradient w.r.t. h per
+// Buffers of one direction's backward loop. Chunk-sized, row r at (r - r0): dg [rows, ldg] the gate gradients,
+// input side in columns [0, G*H); GRU: ldg = 4H and dgh = dg + 3H, the recurrent side's n part r * dn (its r and z
+// parts equal the input side's, so they are not stored twice); dht proj [rows, P] total gradient w.r.t. h per
 // step. State: dhf proj [B, H]; dh [B, P] and dc [B, H] running state gradients (in: grad_hy / grad_cy, out:
 // grad_hx / grad_cx). gy: rows of grad_y [N, D*P] (in place at its row stride, one row at stride 0, or a
 // contiguous copy of the chunk's).
@@ -18,14 +19,15 @@ template <typename T>
 struct BwdBufs {
   T* dg;
   T* dgh;
+  int64_t ldg;
   T* dht;
   int64_t r0;
   T* dhf;
   T* dh;
   T* dc;
   RowBuf<const T> gy;
-  // Where the recurrent product reads its gate gradients: GRU's recurrent side, else the input side ([b, G*H]).
-  const T* rec(const Dir<T>& dir, int64_t t) const { return (dgh ? dgh : dg) + (dir.row0(t) - r0) * dir.GH(); }
+  // Row 0 of step t in dg.
+  T* row(const Dir<T>& dir, int64_t t) const { return dg + (dir.row0(t) - r0) * ldg; }
   // The same buffers with the states moved to the rows of a block of the batch.
   BwdBufs block(const Dir<T>& dir) const {
     const Layout& L = *dir.L;
@@ -50,7 +52,7 @@ void total_dh(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t, int64_t p0, in
 template <typename T>
 BwdArgs<T> bwd_args(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t) {
   const Layout& L = *dir.L;
-  const int64_t o = dir.row0(t), GH = dir.GH();
+  const int64_t o = dir.row0(t);
   BwdArgs<T> a;
   a.H = L.H;
   if (L.proj) {
@@ -64,10 +66,22 @@ BwdArgs<T> bwd_args(const Dir<T>& dir, const BwdBufs<T>& bb, int64_t t) {
   if (L.mode == kGRU) a.prev = dir.h_prev(t);
   a.y = dir.y_row(t); a.ld_y = dir.ldy;
   a.dc = bb.dc; a.ld_dc = L.H;
-  a.dg = bb.dg + (o - bb.r0) * GH; a.ld_dg = GH;
-  a.dgh = bb.dgh ? bb.dgh + (o - bb.r0) * GH : nullptr; a.ld_dgh = GH;
+  a.dg = bb.dg + (o - bb.r0) * bb.ldg; a.ld_dg = bb.ldg;
+  a.dgh = bb.dgh ? bb.dgh + (o - bb.r0) * bb.ldg : nullptr; a.ld_dgh = bb.ldg;
   a.dhp = bb.dh; a.ld_dhp = L.P;
   return a;
+}
+
+// The recurrent product dh (+)= (recurrent-side gate gradients) W_hh in parts over W_hh's rows: LSTM and RNN all G*H
+// rows from dg's G*H columns; GRU rows [0, 2H) from dg's r and z columns, rows [2H, 3H) from its r * dn columns
+// (dgh). col: the first column of dg, wrow: the first row of W_hh, R: rows.
+struct RecPart {
+  int64_t col, wrow, R;
+};
+
+inline std::vector<RecPart> rec_parts(const Layout& L) {
+  if (L.mode != kGRU) return {{0, 0, L.G * L.H}};
+  return {{0, 0, 2 * L.H}, {3 * L.H, 2 * L.H, L.H}};
 }
 
 // Loop positions s1-1 down to s0.
@@ -75,6 +89,7 @@ template <typename T>
 void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>& bb, int64_t s0, int64_t s1) {
   const Layout& L = *dir.L;
   const int64_t H = L.H, P = L.P, GH = dir.GH();
+  const std::vector<RecPart> parts = rec_parts(L);
   TORCH_INTERNAL_ASSERT(dir.j0 == 0 && dir.nrows == L.B, "the GEMM loop runs the whole batch");
   for (int64_t s = s1 - 1; s >= s0; --s) {
     const int64_t t = dir.step(s), b = dir.rows(t);
@@ -84,7 +99,10 @@ void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>
     }
     const BwdArgs<T> a = bwd_args(dir, bb, t);
     for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.bwd[L.mode](a, j0, j1, 0, H); });
-    gemm<T>(false, false, b, P, GH, bb.rec(dir, t), GH, dir.w_hh, P, T(L.mode == kGRU ? 1 : 0), bb.dh, P);
+    // GRU: dh already holds z * dh from the gate pass
+    for (const RecPart& q : parts)
+      gemm<T>(false, false, b, P, q.R, bb.row(dir, t) + q.col, bb.ldg, dir.w_hh + q.wrow * P, P,
+              T(L.mode == kGRU || q.col > 0 ? 1 : 0), bb.dh, P);
   }
 }
 
@@ -128,6 +146,7 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>&
   const Layout& L = *dir.L;
   const BwdBufs<T> bb = all.block(dir);
   const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S, panel = K.panel;
+  const std::vector<RecPart> parts = rec_parts(L);
   if (L.proj) total_dh(dir, bb, dir.step(s1 - 1), 0, P);
   SpinBarrier barrier(S);
   at::parallel_for(0, S, 1, [&](int64_t sl0, int64_t sl1) {
@@ -148,12 +167,14 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>&
       // Without a projection P == H and the slices match, so each thread next reads only the dh it wrote.
       for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
-        if (b > 0) {
-          const RowSrc<T> g{bb.rec(dir, t), GH, b, nullptr, 0};
-          if (!pk.p) K.vecmat(dir.w_hh, P, GH, p0, p1, bb.rec(dir, t), GH, b, bb.dh, P, L.mode == kGRU);
+        for (const RecPart& part : parts) {
+          if (b == 0) break;
+          const T* g = bb.row(dir, t) + part.col;
+          const bool acc = L.mode == kGRU || part.col > 0;  // GRU: dh already holds z * dh from the gate pass
+          if (!pk.p) K.vecmat(dir.w_hh + part.wrow * P, P, part.R, p0, p1, g, bb.ldg, b, bb.dh, P, acc);
           for (int64_t q = 0, c0 = p0; pk.p && c0 < p1; ++q, c0 += panel)
-            K.panel_gemm(pk.p + sl * pk.pstride + q * panel * GH, GH, std::min(panel, p1 - c0), g, b, bb.dh + c0,
-                         P, L.mode == kGRU);
+            K.panel_gemm(pk.p + sl * pk.pstride + q * panel * GH + part.wrow * panel, part.R,
+                         std::min(panel, p1 - c0), RowSrc<T>{g, bb.ldg, b, nullptr, 0}, b, bb.dh + c0, P, acc);
         }
         if (L.proj && s > s0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
       }
@@ -244,8 +265,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
-    Tensor dg = alloc({max_rows, GH}, opts);
-    Tensor dgh = L.mode == kGRU ? alloc({max_rows, GH}, opts) : Tensor();
+    const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;
+    Tensor dg = alloc({max_rows, ldg}, opts);
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
     Tensor hprev = uniform ? Tensor() : alloc({max_rows, L.P}, opts);
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
@@ -256,7 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       const Chunk& ch = chunks[chunks.size() - 1 - i];
       const int64_t rows = ch.r1 - ch.r0;
       const bool first = i == 0;
-      BwdBufs<T> bb{dg.data_ptr<T>(), dgh.defined() ? dgh.data_ptr<T>() : nullptr,
+      BwdBufs<T> bb{dg.data_ptr<T>(), L.mode == kGRU ? dg.data_ptr<T>() + GH : nullptr, ldg,
                     dht.defined() ? dht.data_ptr<T>() : nullptr, ch.r0,
                     dhf.defined() ? dhf.data_ptr<T>() : nullptr, grad_hx[d].data_ptr<T>(),
                     L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr, RowBuf<const T>{}};
@@ -279,14 +300,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         });
       }
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
-      const Tensor dg_c = dg.narrow(0, 0, rows);
-      const Tensor dg_rec = dgh.defined() ? dgh.narrow(0, 0, rows) : dg_c;
+      const Tensor buf = dg.narrow(0, 0, rows);
+      const Tensor dg_c = buf.narrow(1, 0, GH);
       mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows), first);
-      if (uniform) {
-        w_hh_grad_uniform(dir, ch, dg_rec, y.narrow(1, d * L.P, L.P), hx[d], g_hh, first);
-      } else {
-        gather_h_prev(dir, ch, hprev.data_ptr<T>());
-        mm_acc(g_hh, dg_rec.t(), hprev.narrow(0, 0, rows), first);
+      if (!uniform) gather_h_prev(dir, ch, hprev.data_ptr<T>());
+      for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
+        Tensor g_part = g_hh.narrow(0, part.wrow, part.R);
+        const Tensor d_part = buf.narrow(1, part.col, part.R);
+        if (uniform) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first);
+        else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first);
       }
       Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
       mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
@@ -294,10 +316,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         Tensor& g_b = gw[d * L.group + 2];
         if (first) at::sum_out(g_b, dg_c, at::IntArrayRef{0});
         else g_b.add_(dg_c.sum(0));
-        if (dgh.defined()) {
-          Tensor& g_bh = gw[d * L.group + 3];
-          if (first) at::sum_out(g_bh, dg_rec, at::IntArrayRef{0});
-          else g_bh.add_(dg_rec.sum(0));
+        if (L.mode == kGRU) {  // b_hh's n part; its r and z parts are b_ih's (copied below)
+          Tensor g_bn = gw[d * L.group + 3].narrow(0, 2 * L.H, L.H);
+          const Tensor dn = buf.narrow(1, GH, L.H);
+          if (first) at::sum_out(g_bn, dn, at::IntArrayRef{0});
+          else g_bn.add_(dn.sum(0));
         }
       }
       if (L.proj) {
@@ -306,8 +329,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first);
       }
     }
-    // LSTM and RNN: both biases get the same gradient (one pass over dG, not two).
-    if (L.bias && !dgh.defined() && L.T) gw[d * L.group + 3].copy_(gw[d * L.group + 2]);
+    // LSTM and RNN: both biases get the same gradient (one pass over dG, not two); GRU: the r and z parts.
+    if (L.bias && L.T) {
+      const int64_t n = L.mode == kGRU ? 2 * L.H : GH;
+      gw[d * L.group + 3].narrow(0, 0, n).copy_(gw[d * L.group + 2].narrow(0, 0, n));
+    }
   };
   if (parallel_dirs) {
     in_threads(L.D, run_direction);
