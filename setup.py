@@ -48,7 +48,8 @@ def _cpu_extension():
         extra_compile_args={"cxx": list(CXX_FLAGS)},
         extra_link_args=["-fopenmp"],
         depends=[os.path.join("csrc", p)
-                 for p in ("common.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cpu/layer.h", "cpu/layer_loops.h")],
+                 for p in ("common.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cpu/kernels_products.h", "cpu/layer.h",
+                           "cpu/layer_loops.h")],
     )
 
 

@@ -1,0 +1,470 @@
+// The small-batch products (matrix-vector, vector-matrix, packed panels) and the panel packing of the CPU kernels.
+// A part of kernels_impl.h, included by it after the gate passes: it uses that file's helpers (Vec, ld, st, UNROLL)
+// and lands in the same fusedrnn::cpu::CPU_CAPABILITY namespace. Not for inclusion anywhere else.
+#pragma once
+#ifndef CPU_CAPABILITY
+#error "kernels_products.h is a part of kernels_impl.h"
+#endif
+
+namespace fusedrnn::cpu::CPU_CAPABILITY {
+namespace {
+// ---- small-batch products ---------------------------------------------------------------------------------------
+
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T tmp[Vec<T>::size()];
+  v.store(tmp);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+// sums[i] = the sum of the lanes of a[i], for i < N (N <= V): float in the AVX-512 and AVX2 builds reduces all N
+// vectors at once by a tree of shuffles and adds (N - 1 vector adds and twice that in shuffles, against N stores
+// and N * V scalar adds one at a time), else lane by lane. Rows past N are zero.
+template <typename T, int N>
+inline void hsums(const Vec<T>* a, T* sums) {
+  constexpr int V = Vec<T>::size();
+  static_assert(N >= 1 && N <= V, "one vector of sums at most");
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 x[16];
+    UNROLL
+    for (int i = 0; i < 16; ++i) x[i] = i < N ? __m512(a[i]) : _mm512_setzero_ps();
+    // The halves of pairs: lanes 0-1 hold row 2i's 256-bit halves summed, lanes 2-3 row 2i+1's.
+    UNROLL
+    for (int i = 0; i < 8; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x44),
+                           _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xEE));
+    // 128-bit lane L of x[i] now holds 4 partial sums of row 4i + L.
+    UNROLL
+    for (int i = 0; i < 4; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
+    UNROLL
+    for (int i = 0; i < 2; ++i)
+      x[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    // Element 4L + m: the sum of row 4m + L.
+    alignas(64) float t[16];
+    _mm512_store_ps(t, _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x88), _mm512_shuffle_ps(x[0], x[1], 0xDD)));
+    UNROLL
+    for (int i = 0; i < N; ++i) sums[i] = t[4 * (i % 4) + i / 4];
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 x[8];
+    UNROLL
+    for (int i = 0; i < 8; ++i) x[i] = i < N ? __m256(a[i]) : _mm256_setzero_ps();
+    // 128-bit lane L of x[i]: 4 partial sums of row 2i + L.
+    UNROLL
+    for (int i = 0; i < 4; ++i)
+      x[i] = _mm256_add_ps(_mm256_permute2f128_ps(x[2 * i], x[2 * i + 1], 0x20),
+                           _mm256_permute2f128_ps(x[2 * i], x[2 * i + 1], 0x31));
+    UNROLL
+    for (int i = 0; i < 2; ++i)
+      x[i] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                           _mm256_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+    // Element 4L + m: the sum of row 2m + L.
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD)));
+    UNROLL
+    for (int i = 0; i < N; ++i) sums[i] = t[4 * (i % 2) + i / 2];
+    return;
+  }
+#endif
+  UNROLL
+  for (int i = 0; i < N; ++i) sums[i] = hsum(a[i]);
+}
+
+// NR weight rows x NB batch rows of out[j, r] = sum_k h_j[k] W[r, k]; NR * NB accumulators stay in registers.
+template <typename T, int NB, int NR>
+inline void matvec_block(const T* W, int64_t ldw, int64_t K, const T* const* h, T* out, int64_t ldo,
+                         bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[NR * NB];
+  UNROLL
+  for (int i = 0; i < NR * NB; ++i) acc[i] = Vec<T>(T(0));
+  const int64_t Kv = K - K % V;
+  for (int64_t k = 0; k < Kv; k += V) {
+    Vec<T> hv[NB];
+    UNROLL
+    for (int jb = 0; jb < NB; ++jb) hv[jb] = Vec<T>::loadu(h[jb] + k);
+    UNROLL
+    for (int i = 0; i < NR; ++i) {
+      const Vec<T> w = Vec<T>::loadu(W + i * ldw + k);
+      UNROLL
+      for (int jb = 0; jb < NB; ++jb) acc[i * NB + jb] = at::vec::fmadd(w, hv[jb], acc[i * NB + jb]);
+    }
+  }
+  constexpr int NA = NR * NB, G = std::min<int>(NA, V), FULL = NA / G * G;  // reduced G accumulators at a time
+  T sums[NA];
+  UNROLL
+  for (int g = 0; g < FULL; g += G) hsums<T, G>(acc + g, sums + g);
+  if constexpr (NA > FULL) hsums<T, NA - FULL>(acc + FULL, sums + FULL);
+  UNROLL
+  for (int i = 0; i < NR; ++i) {
+    UNROLL
+    for (int jb = 0; jb < NB; ++jb) {
+      T s = sums[i * NB + jb];
+      for (int64_t k = Kv; k < K; ++k) s += W[i * ldw + k] * h[jb][k];
+      T* o = out + jb * ldo + i;
+      *o = accumulate ? *o + s : s;
+    }
+  }
+}
+
+// Weight rows a block: with the vector reductions, NR * NB fills one vector of sums (16 float lanes with AVX-512,
+// 8 with AVX2) within the registers (NR * NB accumulators + NB rows of h + a weight vector); elsewhere as before.
+template <typename T, int NB>
+constexpr int matvec_rows() {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) return NB == 1 ? 16 : NB == 2 ? 8 : NB <= 4 ? 4 : 2;
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
+#endif
+  return NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
+}
+
+template <typename T, int NB>
+void matvec_nb(const T* W, int64_t ldw, int64_t NRows, int64_t K, const T* const* h, T* out, int64_t ldo,
+               bool accumulate) {
+  constexpr int NR = matvec_rows<T, NB>();
+  int64_t r = 0;
+  for (; r + NR <= NRows; r += NR) matvec_block<T, NB, NR>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
+  for (; r < NRows; ++r) matvec_block<T, NB, 1>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
+}
+
+template <typename T>
+void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& hs, int64_t b, T* out,
+            int64_t ldo, bool accumulate) {
+  for (int64_t j0 = 0; j0 < b; j0 += kSmallBatch) {  // batch rows in register blocks of up to 8
+    const T* h[kSmallBatch];
+    const int64_t nb = std::min(kSmallBatch, b - j0);
+    for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
+    T* o = out + j0 * ldo;
+    switch (nb) {
+      case 1: matvec_nb<T, 1>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 2: matvec_nb<T, 2>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 3: matvec_nb<T, 3>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 4: matvec_nb<T, 4>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 5: matvec_nb<T, 5>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 6: matvec_nb<T, 6>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 7: matvec_nb<T, 7>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      default: matvec_nb<T, 8>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+    }
+  }
+}
+
+// Batch rows the packed-panel and vector-matrix kernels hold in registers (two accumulators a row): 6 with the 16
+// vector registers of the baseline and AVX2 builds, 12 with AVX-512's 32.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPanelRows = 12;
+#else
+constexpr int kPanelRows = 6;
+#endif
+
+// Calls f(std::integral_constant<int, nb>) for a run-time nb in [1, N], so each block size gets its own unrolled
+// kernel.
+template <int N, typename F>
+inline void with_rows(int64_t nb, const F& f) {
+  if constexpr (N > 1) {
+    if (nb < N) return with_rows<N - 1>(nb, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
+// Rows [0, b) in register blocks of at most kPanelRows, as even as possible (16 rows: 8 + 8, not 12 + 4), so no
+// block is left with too few accumulators to hide the FMA latency. Calls f(j0, nb) per block.
+template <typename F>
+inline void row_blocks(int64_t b, const F& f) {
+  if (b <= 0) return;
+  const int64_t nblk = (b + kPanelRows - 1) / kPanelRows, base = b / nblk, extra = b % nblk;
+  for (int64_t i = 0, j0 = 0; i < nblk; ++i) {
+    const int64_t nb = base + (i < extra ? 1 : 0);
+    f(j0, nb);
+    j0 += nb;
+  }
+}
+
+// NB batch rows x NC column vectors of out[j, c] = sum_r g[j, r] W[r, c]; n valid lanes in the last vector.
+template <typename T, int NB, int NC>
+inline void vecmat_block(const T* W, int64_t ldw, int64_t R, const T* g, int64_t ldg, T* out, int64_t ldo,
+                         int64_t n, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> acc[NB][NC];
+  UNROLL
+  for (int jb = 0; jb < NB; ++jb)
+    UNROLL
+    for (int c = 0; c < NC; ++c) acc[jb][c] = Vec<T>(T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    Vec<T> w[NC];
+    UNROLL
+    for (int c = 0; c < NC; ++c) w[c] = ld(W + r * ldw + c * V, c == NC - 1 ? n : V);
+    UNROLL
+    for (int jb = 0; jb < NB; ++jb) {
+      const Vec<T> gv(g[jb * ldg + r]);
+      UNROLL
+      for (int c = 0; c < NC; ++c) acc[jb][c] = at::vec::fmadd(gv, w[c], acc[jb][c]);
+    }
+  }
+  UNROLL
+  for (int jb = 0; jb < NB; ++jb) {
+    UNROLL
+    for (int c = 0; c < NC; ++c) {
+      const int64_t m = c == NC - 1 ? n : V;
+      T* o = out + jb * ldo + c * V;
+      st(accumulate ? acc[jb][c] + ld(o, m) : acc[jb][c], o, m);
+    }
+  }
+}
+
+template <typename T, int NB>
+void vecmat_nb(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, T* out,
+               int64_t ldo, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  constexpr int NC = NB <= 2 ? 4 : NB <= 4 ? 3 : 2;  // NB * NC <= 12 accumulators, + NC weights + 1 broadcast
+  int64_t c = c0;
+  for (; c + NC * V <= c1; c += NC * V) vecmat_block<T, NB, NC>(W + c, ldw, R, g, ldg, out + c, ldo, V, accumulate);
+  for (; c < c1; c += V)
+    vecmat_block<T, NB, 1>(W + c, ldw, R, g, ldg, out + c, ldo, std::min(V, c1 - c), accumulate);
+}
+
+// Long inner dimensions are summed in chunks of kSumChunk terms, each chunk's sums added to the output: the
+// rounding error of a sum grows with its length, and single chains over the backward's K = 4H = 2048 terms (dG W_hh)
+// ended up with 2.4x torch.nn's (blocked) error on LSTM H512. Costs one load and store of the outputs a chunk.
+constexpr int64_t kSumChunk = 256;
+
+template <typename T>
+void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg,
+                      int64_t b, T* out, int64_t ldo, bool accumulate);
+
+template <typename T>
+void vecmat(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
+            T* out, int64_t ldo, bool accumulate) {
+  for (int64_t r0 = 0; r0 < R; r0 += kSumChunk)
+    vecmat_unchunked(W + r0 * ldw, ldw, std::min(kSumChunk, R - r0), c0, c1, g + r0, ldg, b, out, ldo,
+                     accumulate || r0 > 0);
+}
+
+template <typename T>
+void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg,
+                      int64_t b, T* out, int64_t ldo, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  // One or two rows: wide column blocks (enough accumulators to hide the FMA latency), the weights streamed once.
+  if (b == 1) return vecmat_nb<T, 1>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+  if (b == 2) return vecmat_nb<T, 2>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
+  // More rows: strips of two vectors of columns, all row blocks of a strip in turn, so the strip of W (R x 2V)
+  // stays in L1/L2 while every row block reads it instead of the whole slice streaming once per row block.
+  for (int64_t c = c0; c < c1; c += 2 * V) {
+    const int64_t n = std::min(2 * V, c1 - c);
+    row_blocks(b, [&](int64_t j0, int64_t nb) {
+      const T* gj = g + j0 * ldg;
+      T* o = out + j0 * ldo + c;
+      with_rows<kPanelRows>(nb, [&](auto rows) {
+        constexpr int NB = decltype(rows)::value;
+        if (n > V) vecmat_block<T, NB, 2>(W + c, ldw, R, gj, ldg, o, ldo, n - V, accumulate);
+        else vecmat_block<T, NB, 1>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate);
+      });
+    });
+  }
+}
+
+// MR batch rows x one packed panel (2 vectors of columns): out[j, c] (+)= sum_k h_j[k] Wp[k, c], n valid columns.
+// Per k: two weight loads and MR broadcasts feed 2 * MR FMAs into 2 * MR accumulators.
+template <typename T, int MR>
+inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64_t ldo, int64_t n,
+                        bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  Vec<T> a0[MR], a1[MR];
+  const T* hr[MR];
+  UNROLL
+  for (int j = 0; j < MR; ++j) {
+    a0[j] = a1[j] = Vec<T>(T(0));
+    hr[j] = h[j];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec<T> w0 = Vec<T>::loadu(Wp + k * 2 * V), w1 = Vec<T>::loadu(Wp + k * 2 * V + V);
+    UNROLL
+    for (int j = 0; j < MR; ++j) {
+      const Vec<T> hb(hr[j][k]);
+      a0[j] = at::vec::fmadd(w0, hb, a0[j]);
+      a1[j] = at::vec::fmadd(w1, hb, a1[j]);
+    }
+  }
+  const int64_t n0 = std::min(V, n), n1 = n - n0;
+  UNROLL
+  for (int j = 0; j < MR; ++j) {
+    T* o = out + j * ldo;
+    st(accumulate ? a0[j] + ld(o, n0) : a0[j], o, n0);
+    if (n1 > 0) st(accumulate ? a1[j] + ld(o + V, n1) : a1[j], o + V, n1);
+  }
+}
+
+// One batch row: the weights stream through once, so the k loop is unrolled by four into eight accumulator chains
+// (two per k) to keep both FMA ports busy despite their latency; the chains are summed at the end.
+template <typename T>
+inline void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, bool accumulate) {
+  constexpr int64_t V = Vec<T>::size();
+  constexpr int U = 4;
+  Vec<T> a0[U], a1[U];
+  UNROLL
+  for (int u = 0; u < U; ++u) a0[u] = a1[u] = Vec<T>(T(0));
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    UNROLL
+    for (int u = 0; u < U; ++u) {
+      const Vec<T> hb(h[k + u]);
+      a0[u] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * 2 * V), hb, a0[u]);
+      a1[u] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * 2 * V + V), hb, a1[u]);
+    }
+  }
+  for (; k < K; ++k) {
+    const Vec<T> hb(h[k]);
+    a0[0] = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), hb, a0[0]);
+    a1[0] = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), hb, a1[0]);
+  }
+  const Vec<T> s0 = (a0[0] + a0[1]) + (a0[2] + a0[3]), s1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);
+  const int64_t n0 = std::min(V, n), n1 = n - n0;
+  st(accumulate ? s0 + ld(out, n0) : s0, out, n0);
+  if (n1 > 0) st(accumulate ? s1 + ld(out + V, n1) : s1, out + V, n1);
+}
+
+template <typename T>
+void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
+                bool accumulate) {
+  constexpr int64_t panel = 2 * Vec<T>::size();
+  row_blocks(b, [&](int64_t j0, int64_t nb) {
+    const T* h[kPanelRows];
+    T* o = out + j0 * ldo;
+    for (int64_t k0 = 0; k0 < K; k0 += kSumChunk) {  // see kSumChunk
+      const int64_t kc = std::min(kSumChunk, K - k0);
+      for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j) + k0;
+      with_rows<kPanelRows>(nb, [&](auto rows) {
+        constexpr int MR = decltype(rows)::value;
+        if constexpr (MR == 1) panel_row<T>(Wp + k0 * panel, kc, h[0], o, n, accumulate || k0 > 0);
+        else panel_block<T, MR>(Wp + k0 * panel, kc, h, o, ldo, n, accumulate || k0 > 0);
+      });
+    }
+  });
+}
+
+// ---- packing --------------------------------------------------------------------------------------------------
+
+// Scalar transpose, in blocks of 16 k so each group of destination rows stays in L1 while all columns fill it.
+template <typename T>
+void pack_panel_scalar(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst, int64_t panel) {
+  constexpr int64_t KB = 16;
+  for (int64_t kb = 0; kb < K; kb += KB) {
+    const int64_t kn = std::min(KB, K - kb);
+    for (int64_t c = 0; c < panel; ++c) {
+      T* o = dst + kb * panel + c;
+      if (c < n) {
+        const T* w = W + c * ldw + kb;
+        for (int64_t k = 0; k < kn; ++k) o[k * panel] = w[k];
+      } else {
+        for (int64_t k = 0; k < kn; ++k) o[k * panel] = T(0);
+      }
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// r[c] (16 rows of 16) -> r[k]: the 16 x 16 transpose in three shuffle stages (pairs of rows, 4-row groups within
+// 128-bit lanes, then the lanes themselves).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    u[4 * m + 0] = _mm512_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0x44);
+    u[4 * m + 1] = _mm512_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0xEE);
+    u[4 * m + 2] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+    u[4 * m + 3] = _mm512_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+  }
+  // u[4m + j], lane L: column 4L + j of rows 4m..4m+3; out[4L + j] lane m is u[4m + j] lane L.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 x2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 x3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(x0, x2, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(x0, x2, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(x1, x3, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(x1, x3, 0xDD);
+  }
+}
+
+template <typename T>
+void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
+  constexpr int64_t V = Vec<T>::size(), panel = 2 * V;
+  if constexpr (!std::is_same_v<T, float>) {
+    pack_panel_scalar(W, ldw, n, K, dst, panel);
+  } else {
+    for (int64_t c0 = 0; c0 < panel; c0 += 16) {
+      const int64_t nr = std::clamp<int64_t>(n - c0, 0, 16);
+      for (int64_t kb = 0; kb < K; kb += 16) {
+        const int64_t kn = std::min<int64_t>(16, K - kb);
+        const __mmask16 km = static_cast<__mmask16>((1u << kn) - 1);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; ++i)
+          r[i] = i < nr ? _mm512_maskz_loadu_ps(km, W + (c0 + i) * ldw + kb) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t k = 0; k < kn; ++k) _mm512_storeu_ps(dst + (kb + k) * panel + c0, r[k]);
+      }
+    }
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// The 8 x 8 transpose: pairs of rows, 4-row groups within 128-bit lanes, then the two lanes.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int m = 0; m < 2; ++m) {
+    u[4 * m + 0] = _mm256_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0x44);
+    u[4 * m + 1] = _mm256_shuffle_ps(t[4 * m + 0], t[4 * m + 2], 0xEE);
+    u[4 * m + 2] = _mm256_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0x44);
+    u[4 * m + 3] = _mm256_shuffle_ps(t[4 * m + 1], t[4 * m + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+
+template <typename T>
+void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
+  constexpr int64_t V = Vec<T>::size(), panel = 2 * V;
+  if constexpr (!std::is_same_v<T, float>) {
+    pack_panel_scalar(W, ldw, n, K, dst, panel);
+  } else {
+    const int64_t K8 = K - K % 8;
+    for (int64_t c0 = 0; c0 < panel; c0 += 8) {
+      const int64_t nr = std::clamp<int64_t>(n - c0, 0, 8);
+      for (int64_t kb = 0; kb < K8; kb += 8) {
+        __m256 r[8];
+        for (int64_t i = 0; i < 8; ++i) r[i] = i < nr ? _mm256_loadu_ps(W + (c0 + i) * ldw + kb) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int64_t k = 0; k < 8; ++k) _mm256_storeu_ps(dst + (kb + k) * panel + c0, r[k]);
+      }
+    }
+    if (K8 < K) {  // the last K % 8 rows of the panel
+      for (int64_t c = 0; c < panel; ++c)
+        for (int64_t k = K8; k < K; ++k) dst[k * panel + c] = c < n ? W[c * ldw + k] : T(0);
+    }
+  }
+}
+#else
+template <typename T>
+void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
+  pack_panel_scalar(W, ldw, n, K, dst, 2 * Vec<T>::size());
+}
+#endif
+
+}  // namespace
+}  // namespace fusedrnn::cpu::CPU_CAPABILITY
