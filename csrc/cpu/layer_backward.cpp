@@ -168,7 +168,7 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>&
       for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
         for (const RecPart& part : parts) {
-          if (b == 0) break;
+          if (b == 0) continue;
           const T* g = bb.row(dir, t) + part.col;
           const bool acc = L.mode == kGRU || part.col > 0;  // GRU: dh already holds z * dh from the gate pass
           if (!pk.p) K.vecmat(dir.w_hh + part.wrow * P, P, part.R, p0, p1, g, bb.ldg, b, bb.dh, P, acc);
