@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${FUSEDRNN_VENV:-$ROOT/.venv}/bin/python
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fusedrnn-wheel-ci.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT   # removed pass or fail
 START=$(date +%s)
 step() { echo "== [$(( $(date +%s) - START )) s] $*"; }
 
@@ -22,5 +23,4 @@ python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q --no-deps "$WHEEL"
 step "smoke test from outside the sources"
 (cd "$WORK" && "$WORK/venv/bin/python" "$ROOT/.ci/smoke.py")
-rm -rf "$WORK"
 step "done"

@@ -7,10 +7,18 @@
 # Environment: TORCH_SPEC (torch==2.14.1), MAX_JOBS (2), TORCH_CUDA_ARCH_LIST (8.0;8.6;9.0+PTX), CUDA_HOME (found from
 # nvcc otherwise), FUSEDRNN_CI_WORK (a folder for the copy of the sources, the build and the wheel; default mktemp).
 # The sources are copied out of the checkout first, so nothing is built inside it (no build/, dist/ or .so there).
+# Disk: a CUDA torch is 5.5 GB. A work folder this script made itself is removed when it exits, pass or fail, and its
+# own build venv is removed before the fresh one is made, so at most one CUDA torch is on disk at a time. A folder
+# given in FUSEDRNN_CI_WORK and a VENV given as the argument are kept.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WORK=${FUSEDRNN_CI_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/fusedrnn-cuda-ci.XXXXXX")}
+if [ -n "${FUSEDRNN_CI_WORK:-}" ]; then
+  WORK=$FUSEDRNN_CI_WORK
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/fusedrnn-cuda-ci.XXXXXX")
+  trap 'rm -rf "$WORK"' EXIT
+fi
 VENV=${1:-$WORK/venv}
 export MAX_JOBS=${MAX_JOBS:-2}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;8.6;9.0+PTX}
@@ -65,7 +73,8 @@ WHEEL=$(ls "$WORK"/dist/fusedrnn-*.whl)
 assert any(x.startswith('fusedrnn/_C_cuda') for x in n), n; print(sys.argv[1])" "$WHEEL"
 
 step "install the wheel into a fresh environment and smoke-test it from outside the sources"
-python3 -m venv "$WORK/venv-wheel"
+[ -n "${1:-}" ] || rm -rf "$VENV"   # our own build venv: not needed any more, and the fresh one needs the room
+rm -rf "$WORK/venv-wheel" && python3 -m venv "$WORK/venv-wheel"
 "$WORK/venv-wheel/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.14.1}" numpy
 "$WORK/venv-wheel/bin/python" -m pip install -q --no-deps "$WHEEL"
 (cd "$WORK" && "$WORK/venv-wheel/bin/python" "$ROOT/.ci/smoke.py" --cuda)
