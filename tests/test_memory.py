@@ -205,3 +205,29 @@ def test_cpu_peak_memory_of_forward_backward_not_above_torch(case):
         pytest.skip("this torch build's profiler reports no allocation events")
     print(f"{case.id}: peak {mine / 2**20:.2f} MiB, torch.nn {theirs / 2**20:.2f} MiB ({mine / theirs:.2f}x)")
     assert 0 < mine <= theirs, f"peak {mine / 2**20:.2f} MiB > torch.nn's {theirs / 2**20:.2f} MiB"
+
+
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("kind,T,B,H", [("LSTM", 2000, 8, 128), ("GRU", 1000, 16, 128), ("RNN", 4000, 4, 256)])
+def test_cpu_inference_workspace_bounded_and_not_above_torch(kind, T, B, H):
+    """Inference (no_grad) runs the input projections time chunk by time chunk, in a buffer of about 4 MiB (a few
+    hundred KiB more for small inputs: at least 512 rows), never the whole sequence's: the peak allocated during one
+    call, less the outputs, stays under 6 MiB on sequences whose projections take 16-32 MiB, and under torch.nn's
+    peak on the same call."""
+    from fusedrnn.bench.metrics import cpu_peak_bytes
+    ref, ours = make_pair(kind, H, H, backend="cpu", dtype=torch.float32)
+    x = torch.randn(T, B, H)
+    peaks = []
+    for module in (ref, ours):
+        with torch.no_grad():
+            module(x)  # one-time allocations stay out of the reading
+            peaks.append(cpu_peak_bytes(lambda: module(x)))
+    theirs, mine = peaks
+    if theirs is None:
+        pytest.skip("this torch build's profiler reports no allocation events")
+    outputs = (T * B * H + 2 * B * H) * 4
+    extra = mine - outputs
+    print(f"{kind} T{T} B{B} H{H}: peak {mine / 2**20:.2f} MiB ({extra / 2**20:.2f} beyond the outputs), "
+          f"torch.nn {theirs / 2**20:.2f} MiB")
+    assert extra <= 6 * 2**20, f"{extra / 2**20:.2f} MiB beyond the outputs"
+    assert mine <= theirs

@@ -232,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
       });
     };
     if (in_reserve) return loop(RowBuf<T>{reserve[d].data_ptr<T>(), L.R, 0}, 0, L.T);
-    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
+    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse, chunk_rows(GH * sizeof(T)));
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     Tensor xg = alloc({max_rows, GH}, opts);

@@ -262,7 +262,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   const bool uniform = L.B > 0 && L.T > 0 && L.bs[L.T - 1] == L.B;  // every step has the whole batch
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, reserve);
-    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse);
+    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse, chunk_rows());
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;
