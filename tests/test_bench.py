@@ -426,3 +426,28 @@ def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tin
     harness.apply_gemm_peak(res, {"float32": {"n": 64, "dtype": "float32", "gflops": nn["gflops"] / 1.25}})
     assert nn["peak_frac"] == pytest.approx(1.25) and report.ceiling(row) is None
     assert schema.validate(res) == []
+
+
+@pytest.mark.skipif("cpu" not in __import__("fusedrnn").available_backends(), reason="the cpu backend is not built")
+def test_knob_ab_alternates_the_setting_and_restores_it(capsys, monkeypatch):
+    """benchmarks/knob_ab.py: one line per case with the ratio of the two settings, alternating which runs first;
+    "-" leaves the knob unset, and the variable is as it was afterwards."""
+    import importlib.util
+    import pathlib
+    import sys
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "knob_ab.py"
+    spec = importlib.util.spec_from_file_location("knob_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_case("LSTM,5,3,8,proj_size=4") == ("LSTM", 5, 3, 8, {"proj_size": 4})
+    seen = []
+    monkeypatch.setattr(mod, "set_knob", lambda name, v: (seen.append(v), mod.os.environ.pop(name, None)
+                                                          if v == "-" else mod.os.environ.__setitem__(name, v)))
+    monkeypatch.delenv("FUSEDRNN_CPU_CHUNK_ROWS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["knob_ab", "FUSEDRNN_CPU_CHUNK_ROWS", "1", "-", "GRU,4,2,8;LSTM,3,1,8",
+                                      "--rounds", "2", "--mode", "fwdbwd", "--threads", str(torch.get_num_threads())])
+    mod.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("FUSEDRNN_CPU_CHUNK_ROWS=1 / -: ratio" in ln for ln in lines)
+    assert seen[:4] == ["1", "-", "-", "1"]  # alternating order, round by round
+    assert "FUSEDRNN_CPU_CHUNK_ROWS" not in os.environ
