@@ -5,6 +5,11 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <optional>
@@ -22,9 +27,33 @@ inline bool debug_nan() {
   return v && *v && std::string(v) != "0";
 }
 
+// CPU buffers of 32 MiB or more are asked to be backed by transparent huge pages (madvise(MADV_HUGEPAGE) over the
+// whole 2 MiB pages inside them, before anything touches them), as torch's allocator does for every buffer of 2 MiB
+// or more with THP_MEM_ALLOC_ENABLE=1. glibc maps buffers that large afresh on every call (32 MiB is its highest
+// mmap threshold), so the advice ends with the buffer, and faulting one in 4 KiB at a time cost training calls
+// ~10% (LSTM T500 B32 H128 forward+backward, its 41 MB reserve: 10,400 page faults a call; 10.8% faster with the
+// advice, alternating call by call). Advice only: where THP is off, nothing changes. FUSEDRNN_CPU_HUGEPAGES=0,
+// read at every call, turns it off.
+constexpr int64_t kHugePage = int64_t(2) << 20;
+constexpr int64_t kHugeAdviseMin = int64_t(32) << 20;
+
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (bytes < kHugeAdviseMin || !t.device().is_cpu()) return;
+  if (const char* e = std::getenv("FUSEDRNN_CPU_HUGEPAGES"); e && std::string(e) == "0") return;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (p + kHugePage - 1) / kHugePage * kHugePage, hi = (p + bytes) / kHugePage * kHugePage;
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 // at::empty for outputs and workspaces that are written before they are read: NaN-filled in the debug mode.
 inline at::Tensor alloc(at::IntArrayRef size, const at::TensorOptions& options) {
   at::Tensor t = at::empty(size, options);
+  advise_huge_pages(t);
   if (debug_nan() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }

@@ -4,6 +4,7 @@ persistent (matrix-vector, B <= 8 or small weights) and GEMM-per-step time loops
 float64 tight and float32 to float32 rounding; opcheck on the internal ops; the GIL is released while they run.
 Test ids: mode-D{directions}-B{batch}-{lengths}-{proj}-{dtype}-{capability}.
 """
+import os
 import platform
 import threading
 import time
@@ -384,3 +385,37 @@ def test_directions_on_threads_through_the_module(kind, dirs, monkeypatch):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     finally:
         torch.set_num_threads(threads)
+
+
+def _vm_flags(addr):
+    """VmFlags of the mapping of this process that holds addr (/proc/self/smaps), or None."""
+    flags, inside = None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                flags = line.split()[1:]
+    return flags
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("setting", ["default", "off"])
+def test_large_buffers_advised_huge_pages(setting, monkeypatch):
+    """Buffers of 32 MiB or more (here the training reserve, [1, N, R]) are advised MADV_HUGEPAGE ("hg" in their
+    mapping's VmFlags) before they are written; FUSEDRNN_CPU_HUGEPAGES=0 leaves them as the allocator gave them. A
+    small buffer (the output y) is never advised."""
+    if setting == "off":
+        monkeypatch.setenv("FUSEDRNN_CPU_HUGEPAGES", "0")
+    else:
+        monkeypatch.delenv("FUSEDRNN_CPU_HUGEPAGES", raising=False)
+    args, _ = make_case("lstm", 1, 64, [256] * 64, I=8, H=128, proj=0, dtype=torch.float32)
+    y, _, _, reserve = forward("cpu", args, True)
+    assert reserve.numel() * reserve.element_size() >= 32 << 20
+    big = _vm_flags(reserve.data_ptr() + (4 << 20))  # a whole 2 MiB page inside the buffer
+    assert big is not None
+    assert ("hg" in big) == (setting == "default"), big
+    assert y.numel() * y.element_size() < 32 << 20
+    assert "hg" not in (_vm_flags(y.data_ptr()) or [])
