@@ -401,7 +401,17 @@ def _vm_flags(addr):
     return flags
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def _thp_mode():
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), or None without THP."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or _thp_mode() in (None, "never"),
+                    reason="needs Linux /proc/self/smaps and a kernel with transparent huge pages on")
 @pytest.mark.parametrize("setting", ["default", "off"])
 def test_large_buffers_advised_huge_pages(setting, monkeypatch):
     """Buffers of 32 MiB or more (here the training reserve, [1, N, R]) are advised MADV_HUGEPAGE ("hg" in their
