@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+import fusedrnn
+
 from fusedrnn.bench import cases as C
 from fusedrnn.bench import harness, metrics, report, schema, timing
 from fusedrnn.bench.compare import main as compare_main
@@ -428,7 +430,7 @@ def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tin
     assert schema.validate(res) == []
 
 
-@pytest.mark.skipif("cpu" not in __import__("fusedrnn").available_backends(), reason="the cpu backend is not built")
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
 def test_knob_ab_alternates_the_setting_and_restores_it(capsys, monkeypatch):
     """benchmarks/knob_ab.py: one line per case with the ratio of the two settings, alternating which runs first;
     "-" leaves the knob unset, and the variable is as it was afterwards."""
@@ -440,9 +442,8 @@ def test_knob_ab_alternates_the_setting_and_restores_it(capsys, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.parse_case("LSTM,5,3,8,proj_size=4") == ("LSTM", 5, 3, 8, {"proj_size": 4})
-    seen = []
-    monkeypatch.setattr(mod, "set_knob", lambda name, v: (seen.append(v), mod.os.environ.pop(name, None)
-                                                          if v == "-" else mod.os.environ.__setitem__(name, v)))
+    seen, set_knob = [], mod.set_knob
+    monkeypatch.setattr(mod, "set_knob", lambda name, v: (seen.append(v), set_knob(name, v)))
     monkeypatch.delenv("FUSEDRNN_CPU_CHUNK_ROWS", raising=False)
     monkeypatch.setattr(sys, "argv", ["knob_ab", "FUSEDRNN_CPU_CHUNK_ROWS", "1", "-", "GRU,4,2,8;LSTM,3,1,8",
                                       "--rounds", "2", "--mode", "fwdbwd", "--threads", str(torch.get_num_threads())])
