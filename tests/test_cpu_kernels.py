@@ -167,6 +167,24 @@ def test_small_batch_kernels_float32(B, pack, capability, monkeypatch):
                      TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("split", ["hidden", "batch"])
+@pytest.mark.parametrize("mode,B,proj", [("lstm", 6, 0), ("gru", 8, 0), ("lstm", 13, 0), ("lstm", 7, 50),
+                                         ("rnn_tanh", 5, 0)])
+def test_wide_panels(mode, B, proj, split, dtype, capability, monkeypatch):
+    """The packed panels of up to three vectors of columns (AVX-512, from 6 rows a block; 2 vectors below that
+    and in the other builds): H = 88 cuts into thread slices of 48 and 40 hidden units (float32: a whole
+    three-vector panel, and one whose last vector is half full; float64: 3 + 3 and 3 + 2 vectors), or, with the
+    batch split, one slice of 88 a gate (float32: 3 + 3 vectors, the last half full); P = 50 cuts the
+    projection's panels likewise; B = 13 gives row blocks of 7 and 6, B = 5 the two-vector panels. Forward and
+    backward, packed rows and strips, against the reference."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", "persistent")
+    monkeypatch.setenv("FUSEDRNN_CPU_PACK", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", split)
+    args, grads = make_case(mode, 1, B, None, I=9, H=88, proj=proj, dtype=torch.float64)
+    assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
+
+
 @pytest.mark.parametrize("schedule", ["dirs-parallel", "dirs-serial", "batch-split"])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 9])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])

@@ -6,6 +6,7 @@
 // R reserve row width (LSTM 5H, GRU 4H), K inner dimension of a product, NR rows of a weight slice.
 // Columns [k0, k1) are hidden units, always all gates of them (gate g of unit k is column g*H + k).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 namespace fusedrnn::cpu {
@@ -57,6 +58,9 @@ struct BwdArgs {
   T* dhp = nullptr; int64_t ld_dhp = 0;        // GRU [b, H]: receives z * dh (may alias dh)
 };
 
+// Rows from which the packed products take the widest panels (KernelTable::panel_vecs_for).
+constexpr int64_t kWidePanelRows = 6;
+
 template <typename T>
 struct KernelTable {
   // Gate passes over rows [j0, j1) and hidden units [k0, k1), indexed by Mode.
@@ -68,17 +72,42 @@ struct KernelTable {
   // out[j, c] (+)= sum_r g[j, r] W[r, c] for j < b, c in [c0, c1), r < R (b in blocks of 8).  W: [R, *]; g: [b, R].
   void (*vecmat)(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
                  T* out, int64_t ldo, bool accumulate);
-  // Columns of one packed weight panel (two vectors). A panel is [K, panel] k-major: element (k, c) at k*panel + c.
-  int64_t panel;
-  // out[j, c] (+)= sum_k h_j[k] Wp[k, c] for j < b, c < n (n <= panel) from one packed panel; rows of h are taken
-  // in register blocks of up to kPanelRows (6 with 16 vector registers, 12 with AVX-512's 32: 2 accumulators a
-  // row), split evenly, so each weight vector loaded feeds up to 12 (24) FMAs.
+  // Packed weight panels: a panel holds up to panel_vecs vectors of vec columns each (3 with AVX-512's 32
+  // registers for float, else 2), stored [K, width] k-major, width = its columns rounded up to whole vectors:
+  // element (k, c) at k*width + c. panels() says how a run of columns is cut into panels.
+  int64_t vec, panel_vecs;
+  // out[j, c] (+)= sum_k h_j[k] Wp[k, c] for j < b, c < n (n <= panel_vecs * vec) from one packed panel of width
+  // panel_width(n, vec); rows of h are taken in register blocks (up to 12 rows of 2 vectors or 8 of 3 with
+  // AVX-512's 32 registers, 6 of 2 with 16), split evenly, so each weight vector loaded feeds up to 12 FMAs.
   void (*panel_gemm)(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& h, int64_t b, T* out, int64_t ldo,
                      bool accumulate);
-  // One packed panel from n <= panel rows of W (row stride ldw): dst[k * panel + c] = W[c * ldw + k] for c < n,
-  // 0 for n <= c < panel, k < K. A transpose: vector blocks where the build has them.
+  // One packed panel from n <= panel_vecs * vec rows of W (row stride ldw): dst[k * width + c] = W[c * ldw + k]
+  // for c < n, 0 for n <= c < width = panel_width(n, vec), k < K. A transpose: vector blocks where the build has
+  // them.
   void (*pack_panel)(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst);
+  // Cuts n columns into panels of at most vecs (<= panel_vecs) vectors, as even as possible (16 vectors by 3:
+  // 3 3 3 3 2 2, not 3 3 3 3 3 1, whose last panel would keep too few accumulators busy), and calls f(c, w) for
+  // each: columns [c, c + w). c is a multiple of vec, so panels packed one after another for K rows start at c * K.
+  template <typename F>
+  void panels(int64_t n, int64_t vecs, const F& f) const {
+    const int64_t nv = (n + vec - 1) / vec;
+    if (nv <= 0) return;
+    const int64_t np = (nv + vecs - 1) / vecs, base = nv / np, extra = nv % np;
+    for (int64_t q = 0, c = 0; q < np; ++q) {
+      const int64_t w = (base + (q < extra ? 1 : 0)) * vec;
+      f(c, std::min(w, n - c));
+      c += w;
+    }
+  }
+  // Vectors a panel holds for products of up to `rows` batch rows at a time: panel_vecs from kWidePanelRows rows,
+  // else at most 2 (see kernels_products.h, kPanelVecs).
+  int64_t panel_vecs_for(int64_t rows) const {
+    return rows >= kWidePanelRows ? panel_vecs : std::min<int64_t>(2, panel_vecs);
+  }
 };
+
+// Columns a packed panel of n columns takes in memory (whole vectors).
+inline int64_t panel_width(int64_t n, int64_t vec) { return (n + vec - 1) / vec * vec; }
 
 // Batch rows a matrix-vector micro-kernel holds in registers.
 constexpr int64_t kSmallBatch = 8;

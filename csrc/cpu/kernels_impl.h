@@ -301,7 +301,8 @@ KernelTable<T> make_table() {
   t.bwd[kRNNRelu] = rnn_bwd<T, true>;
   t.matvec = matvec<T>;
   t.vecmat = vecmat<T>;
-  t.panel = 2 * Vec<T>::size();
+  t.vec = Vec<T>::size();
+  t.panel_vecs = kPanelVecs;
   t.panel_gemm = panel_gemm<T>;
   t.pack_panel = pack_panel<T>;
   return t;

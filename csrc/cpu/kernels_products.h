@@ -157,8 +157,8 @@ void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& 
   }
 }
 
-// Batch rows the packed-panel and vector-matrix kernels hold in registers (two accumulators a row): 6 with the 16
-// vector registers of the baseline and AVX2 builds, 12 with AVX-512's 32.
+// Batch rows the vector-matrix kernel and the two-vector panels hold in registers (two accumulators a row): 6 with
+// the 16 vector registers of the baseline and AVX2 builds, 12 with AVX-512's 32 (three-vector panels: 8).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kPanelRows = 12;
 #else
@@ -175,12 +175,12 @@ inline void with_rows(int64_t nb, const F& f) {
   f(std::integral_constant<int, N>{});
 }
 
-// Rows [0, b) in register blocks of at most kPanelRows, as even as possible (16 rows: 8 + 8, not 12 + 4), so no
+// Rows [0, b) in register blocks of at most max_rows, as even as possible (16 rows: 8 + 8, not 12 + 4), so no
 // block is left with too few accumulators to hide the FMA latency. Calls f(j0, nb) per block.
 template <typename F>
-inline void row_blocks(int64_t b, const F& f) {
+inline void row_blocks(int64_t b, int64_t max_rows, const F& f) {
   if (b <= 0) return;
-  const int64_t nblk = (b + kPanelRows - 1) / kPanelRows, base = b / nblk, extra = b % nblk;
+  const int64_t nblk = (b + max_rows - 1) / max_rows, base = b / nblk, extra = b % nblk;
   for (int64_t i = 0, j0 = 0; i < nblk; ++i) {
     const int64_t nb = base + (i < extra ? 1 : 0);
     f(j0, nb);
@@ -259,7 +259,7 @@ void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1
   // stays in L1/L2 while every row block reads it instead of the whole slice streaming once per row block.
   for (int64_t c = c0; c < c1; c += 2 * V) {
     const int64_t n = std::min(2 * V, c1 - c);
-    row_blocks(b, [&](int64_t j0, int64_t nb) {
+    row_blocks(b, kPanelRows, [&](int64_t j0, int64_t nb) {
       const T* gj = g + j0 * ldg;
       T* o = out + j0 * ldo + c;
       with_rows<kPanelRows>(nb, [&](auto rows) {
@@ -271,83 +271,140 @@ void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1
   }
 }
 
-// MR batch rows x one packed panel (2 vectors of columns): out[j, c] (+)= sum_k h_j[k] Wp[k, c], n valid columns.
-// Per k: two weight loads and MR broadcasts feed 2 * MR FMAs into 2 * MR accumulators.
-template <typename T, int MR>
+// Vectors of columns a packed panel holds at most: 3 where 32 vector registers hold 8 rows x 3 accumulators, the
+// 3 weight vectors and a broadcast, else 2 (kernels.h, KernelTable::panel_vecs; below kWidePanelRows rows a block
+// the layer takes 2). Measured, one core streaming the panels from L2 (AVX-512, float, time at 2 vectors / time at
+// 3, both with the prefetch below): 8 rows x K 256 x 768-1024 columns 1.12-1.13, 16 rows x K 128 1.04-1.05, 64
+// rows x K 512 1.02-1.03, 4 rows x K 256 1.05. In the modules (2 threads, forward, alternating call by call, time
+// at 2 vectors / at 3, both prefetching): GRU and LSTM T100 B16 H256 1.036 and 1.034, B12 1.037, B32 1.035, LSTM
+// T500 B32 H128 0.988, but LSTM B4 0.965 and GRU B4 0.962, hence 2 vectors under 6 rows. Against the kernel
+// before (2 vectors, no prefetch): forward GRU B16 1.04-1.08, LSTM B16 1.054, B8 1.084-1.092, T500 B32 H128 1.047,
+// B64 H512 1.023, proj (H512 P128 B16) 1.067, 2-layer bidirectional B16 1.078, B4 1.022, GRU B4 1.010, RNN T200
+// B16 1.003; forward+backward GRU B16 1.044, LSTM B16 1.016, T500 1.023, proj 1.030.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPanelVecs = 3;
+#else
+constexpr int kPanelVecs = 2;
+#endif
+
+// Batch rows a register block of the panel kernel takes with NV vectors of columns (NV accumulators a row).
+template <int NV>
+constexpr int panel_rows() {
+  return NV == 3 ? 8 : kPanelRows;
+}
+
+// Weight rows (k) ahead of the one being multiplied that the panel kernels prefetch into L1: the panels stream
+// from L2 at one row per NV * MR FMAs, which the hardware prefetchers alone did not keep up with (AVX-512, 8 rows
+// x 2 vectors x K 256, one core: 1.01-1.15x faster with it; the AVX2 build in the modules, forward, time without /
+// with: GRU and LSTM T100 B16 H256 1.033 and 1.056, LSTM B4 1.026).
+constexpr int64_t kPanelPrefetch = 8;
+
+template <typename T, int NV>
+inline void prefetch_panel_row(const T* p) {
+  constexpr int64_t bytes = NV * Vec<T>::size() * sizeof(T);
+  UNROLL
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 3);
+}
+
+// MR batch rows x one packed panel of NV vectors of columns: out[j, c] (+)= sum_k h_j[k] Wp[k, c], n valid
+// columns. Per k: NV weight loads and MR broadcasts feed NV * MR FMAs into NV * MR accumulators.
+template <typename T, int MR, int NV>
 inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64_t ldo, int64_t n,
                         bool accumulate) {
-  constexpr int64_t V = Vec<T>::size();
-  Vec<T> a0[MR], a1[MR];
+  constexpr int64_t V = Vec<T>::size(), W = NV * V;
+  Vec<T> acc[MR][NV];
   const T* hr[MR];
   UNROLL
   for (int j = 0; j < MR; ++j) {
-    a0[j] = a1[j] = Vec<T>(T(0));
+    UNROLL
+    for (int v = 0; v < NV; ++v) acc[j][v] = Vec<T>(T(0));
     hr[j] = h[j];
   }
   for (int64_t k = 0; k < K; ++k) {
-    const Vec<T> w0 = Vec<T>::loadu(Wp + k * 2 * V), w1 = Vec<T>::loadu(Wp + k * 2 * V + V);
+    prefetch_panel_row<T, NV>(Wp + (k + kPanelPrefetch) * W);
+    Vec<T> w[NV];
+    UNROLL
+    for (int v = 0; v < NV; ++v) w[v] = Vec<T>::loadu(Wp + k * W + v * V);
     UNROLL
     for (int j = 0; j < MR; ++j) {
       const Vec<T> hb(hr[j][k]);
-      a0[j] = at::vec::fmadd(w0, hb, a0[j]);
-      a1[j] = at::vec::fmadd(w1, hb, a1[j]);
+      UNROLL
+      for (int v = 0; v < NV; ++v) acc[j][v] = at::vec::fmadd(w[v], hb, acc[j][v]);
     }
   }
-  const int64_t n0 = std::min(V, n), n1 = n - n0;
   UNROLL
   for (int j = 0; j < MR; ++j) {
     T* o = out + j * ldo;
-    st(accumulate ? a0[j] + ld(o, n0) : a0[j], o, n0);
-    if (n1 > 0) st(accumulate ? a1[j] + ld(o + V, n1) : a1[j], o + V, n1);
+    UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const int64_t m = std::clamp<int64_t>(n - v * V, 0, V);
+      if (m > 0) st(accumulate ? acc[j][v] + ld(o + v * V, m) : acc[j][v], o + v * V, m);
+    }
   }
 }
 
-// One batch row: the weights stream through once, so the k loop is unrolled by four into eight accumulator chains
-// (two per k) to keep both FMA ports busy despite their latency; the chains are summed at the end.
-template <typename T>
+// One batch row: the weights stream through once, so the k loop is unrolled by four into 4 * NV accumulator chains
+// to keep both FMA ports busy despite their latency; the chains are summed at the end.
+template <typename T, int NV>
 inline void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, bool accumulate) {
-  constexpr int64_t V = Vec<T>::size();
+  constexpr int64_t V = Vec<T>::size(), W = NV * V;
   constexpr int U = 4;
-  Vec<T> a0[U], a1[U];
+  Vec<T> acc[U][NV];
   UNROLL
-  for (int u = 0; u < U; ++u) a0[u] = a1[u] = Vec<T>(T(0));
+  for (int u = 0; u < U; ++u)
+    UNROLL
+    for (int v = 0; v < NV; ++v) acc[u][v] = Vec<T>(T(0));
   int64_t k = 0;
   for (; k + U <= K; k += U) {
     UNROLL
     for (int u = 0; u < U; ++u) {
+      prefetch_panel_row<T, NV>(Wp + (k + u + kPanelPrefetch) * W);
       const Vec<T> hb(h[k + u]);
-      a0[u] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * 2 * V), hb, a0[u]);
-      a1[u] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * 2 * V + V), hb, a1[u]);
+      UNROLL
+      for (int v = 0; v < NV; ++v) acc[u][v] = at::vec::fmadd(Vec<T>::loadu(Wp + (k + u) * W + v * V), hb, acc[u][v]);
     }
   }
   for (; k < K; ++k) {
     const Vec<T> hb(h[k]);
-    a0[0] = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V), hb, a0[0]);
-    a1[0] = at::vec::fmadd(Vec<T>::loadu(Wp + k * 2 * V + V), hb, a1[0]);
+    UNROLL
+    for (int v = 0; v < NV; ++v) acc[0][v] = at::vec::fmadd(Vec<T>::loadu(Wp + k * W + v * V), hb, acc[0][v]);
   }
-  const Vec<T> s0 = (a0[0] + a0[1]) + (a0[2] + a0[3]), s1 = (a1[0] + a1[1]) + (a1[2] + a1[3]);
-  const int64_t n0 = std::min(V, n), n1 = n - n0;
-  st(accumulate ? s0 + ld(out, n0) : s0, out, n0);
-  if (n1 > 0) st(accumulate ? s1 + ld(out + V, n1) : s1, out + V, n1);
+  UNROLL
+  for (int v = 0; v < NV; ++v) {
+    const Vec<T> sum = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    const int64_t m = std::clamp<int64_t>(n - v * V, 0, V);
+    if (m > 0) st(accumulate ? sum + ld(out + v * V, m) : sum, out + v * V, m);
+  }
+}
+
+template <typename T, int NV>
+void panel_gemm_nv(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
+                   bool accumulate) {
+  constexpr int64_t W = NV * Vec<T>::size();
+  constexpr int MAXR = panel_rows<NV>();
+  row_blocks(b, MAXR, [&](int64_t j0, int64_t nb) {
+    const T* h[MAXR];
+    T* o = out + j0 * ldo;
+    for (int64_t k0 = 0; k0 < K; k0 += kSumChunk) {  // see kSumChunk
+      const int64_t kc = std::min(kSumChunk, K - k0);
+      for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j) + k0;
+      with_rows<MAXR>(nb, [&](auto rows) {
+        constexpr int MR = decltype(rows)::value;
+        if constexpr (MR == 1) panel_row<T, NV>(Wp + k0 * W, kc, h[0], o, n, accumulate || k0 > 0);
+        else panel_block<T, MR, NV>(Wp + k0 * W, kc, h, o, ldo, n, accumulate || k0 > 0);
+      });
+    }
+  });
 }
 
 template <typename T>
 void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t b, T* out, int64_t ldo,
                 bool accumulate) {
-  constexpr int64_t panel = 2 * Vec<T>::size();
-  row_blocks(b, [&](int64_t j0, int64_t nb) {
-    const T* h[kPanelRows];
-    T* o = out + j0 * ldo;
-    for (int64_t k0 = 0; k0 < K; k0 += kSumChunk) {  // see kSumChunk
-      const int64_t kc = std::min(kSumChunk, K - k0);
-      for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j) + k0;
-      with_rows<kPanelRows>(nb, [&](auto rows) {
-        constexpr int MR = decltype(rows)::value;
-        if constexpr (MR == 1) panel_row<T>(Wp + k0 * panel, kc, h[0], o, n, accumulate || k0 > 0);
-        else panel_block<T, MR>(Wp + k0 * panel, kc, h, o, ldo, n, accumulate || k0 > 0);
-      });
-    }
-  });
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t nv = (n + V - 1) / V;
+  if (nv <= 1) return panel_gemm_nv<T, 1>(Wp, K, n, hs, b, out, ldo, accumulate);
+  if (kPanelVecs < 3 || nv == 2) return panel_gemm_nv<T, 2>(Wp, K, n, hs, b, out, ldo, accumulate);
+  if constexpr (kPanelVecs >= 3) panel_gemm_nv<T, 3>(Wp, K, n, hs, b, out, ldo, accumulate);
 }
 
 // ---- packing --------------------------------------------------------------------------------------------------
@@ -399,7 +456,8 @@ inline void transpose16(__m512 r[16]) {
 
 template <typename T>
 void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
-  constexpr int64_t V = Vec<T>::size(), panel = 2 * V;
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t panel = panel_width(n, V);
   if constexpr (!std::is_same_v<T, float>) {
     pack_panel_scalar(W, ldw, n, K, dst, panel);
   } else {
@@ -439,7 +497,8 @@ inline void transpose8(__m256 r[8]) {
 
 template <typename T>
 void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
-  constexpr int64_t V = Vec<T>::size(), panel = 2 * V;
+  constexpr int64_t V = Vec<T>::size();
+  const int64_t panel = panel_width(n, V);
   if constexpr (!std::is_same_v<T, float>) {
     pack_panel_scalar(W, ldw, n, K, dst, panel);
   } else {
@@ -462,7 +521,7 @@ void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
 #else
 template <typename T>
 void pack_panel(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst) {
-  pack_panel_scalar(W, ldw, n, K, dst, 2 * Vec<T>::size());
+  pack_panel_scalar(W, ldw, n, K, dst, panel_width(n, Vec<T>::size()));
 }
 #endif
 

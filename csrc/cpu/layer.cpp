@@ -68,30 +68,26 @@ void forward_large(const Dir<T>& dir, const KernelTable<T>& K, const RowBuf<T>& 
 }
 
 // Gate g of W_hh for one thread's slice of hidden units [k0, k1), repacked k-major for KernelTable::panel_gemm:
-// panel q of gate g holds columns g*H + k0 + q*panel + [0, panel) (zero past k1) at dst + (g*npan + q)*panel*K.
+// columns g*H + k0 + [0, k1 - k0) cut by KernelTable::panels, the panel of columns g*H + k0 + [c, c + w) at
+// dst + (g*gw + c)*K (gw: the columns a gate's panels take in every slice).
 template <typename T>
 void pack_slice_gate(const KernelTable<T>& Kt, const T* W, int64_t H, int64_t g, int64_t K, int64_t k0, int64_t k1,
-                     int64_t npan, T* dst) {
-  const int64_t panel = Kt.panel;
-  for (int64_t q = 0; q < npan; ++q) {
-    const int64_t c0 = k0 + q * panel;
-    Kt.pack_panel(W + (g * H + c0) * K, K, std::clamp<int64_t>(k1 - c0, 0, panel), K,
-                  dst + (g * npan + q) * panel * K);
-  }
+                     int64_t gw, int64_t vecs, T* dst) {
+  Kt.panels(k1 - k0, vecs, [&](int64_t c, int64_t w) {
+    Kt.pack_panel(W + (g * H + k0 + c) * K, K, w, K, dst + (g * gw + c) * K);
+  });
 }
 
 template <typename T>
-Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S) {
+Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, int64_t rows) {
   const Layout& L = *dir.L;
   Packed<T> pk;
   pk.S = S;
   if (!pack_weights(L, true)) return pk;
-  pk.npan = (slice_chunk(L.H, pk.S) + K.panel - 1) / K.panel;
-  pk.pstride = L.G * pk.npan * K.panel * L.P;
-  if (L.proj) {
-    pk.npan_r = (slice_chunk(L.P, pk.S) + K.panel - 1) / K.panel;
-    pk.prstride = pk.npan_r * K.panel * L.H;
-  }
+  pk.vecs = K.panel_vecs_for(rows);
+  pk.gw = panel_width(slice_chunk(L.H, pk.S), K.vec);
+  pk.pstride = L.G * pk.gw * L.P;
+  if (L.proj) pk.prstride = panel_width(slice_chunk(L.P, pk.S), K.vec) * L.H;
   pk.buf = alloc({pk.S * (pk.pstride + pk.prstride)}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   pk.p = pk.buf.template data_ptr<T>();
   pk.pr = L.proj ? pk.p + pk.S * pk.pstride : nullptr;
@@ -104,12 +100,12 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S) {
       if (i >= n_hh) {
         const int64_t sl = i - n_hh;
         const auto [p0, p1] = slice_range(L.P, sl, pk.S);
-        pack_slice_gate(K, dir.w_hr, L.P, 0, L.H, p0, p1, pk.npan_r, pk.pr + sl * pk.prstride);
+        pack_slice_gate(K, dir.w_hr, L.P, 0, L.H, p0, p1, 0, pk.vecs, pk.pr + sl * pk.prstride);
         continue;
       }
       const int64_t sl = i / L.G, g = i % L.G;
       const auto [k0, k1] = slice_range(L.H, sl, pk.S);
-      pack_slice_gate(K, dir.w_hh, L.H, g, L.P, k0, k1, pk.npan, pk.p + sl * pk.pstride);
+      pack_slice_gate(K, dir.w_hh, L.H, g, L.P, k0, k1, pk.gw, pk.vecs, pk.p + sl * pk.pstride);
     }
   });
   return pk;
@@ -119,7 +115,7 @@ template <typename T>
 void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& pk, const RowBuf<T>& xg, int64_t s0,
                    int64_t s1, T* h, T* c, const FwdScratch<T>& scratch) {
   const Layout& L = *dir.L;
-  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S, panel = K.panel;
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S;
   // States and scratch of this loop's rows (all, or one thread's block).
   h += dir.j0 * P;
   if (c) c += dir.j0 * H;
@@ -142,9 +138,10 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
             K.matvec(dir.w_hh + (g * H + k0) * P, P, k1 - k0, P, hp, b, out + g * H + k0, ldo, !rec_out);
             continue;
           }
-          for (int64_t q = 0, c0 = k0; c0 < k1; ++q, c0 += panel)
-            K.panel_gemm(pk.p + sl * pk.pstride + (g * pk.npan + q) * panel * P, P, std::min(panel, k1 - c0), hp,
-                         b, out + g * H + c0, ldo, !rec_out);
+          const T* wp = pk.p + sl * pk.pstride + g * pk.gw * P;
+          K.panels(k1 - k0, pk.vecs, [&](int64_t c, int64_t w) {
+            K.panel_gemm(wp + c * P, P, w, hp, b, out + g * H + k0 + c, ldo, !rec_out);
+          });
         }
         const FwdArgs<T> a = fwd_args(dir, t, pre, xg.ld, hg, hp, c, h, hf);
         K.fwd[L.mode](a, 0, b, k0, k1);
@@ -155,9 +152,9 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
         const auto [p0, p1] = slice_range(P, sl, S);
         const RowSrc<T> hfs{hf, H, b, nullptr, 0};
         if (pk.pr) {
-          for (int64_t q = 0, c0 = p0; c0 < p1; ++q, c0 += panel)
-            K.panel_gemm(pk.pr + sl * pk.prstride + q * panel * H, H, std::min(panel, p1 - c0), hfs, b,
-                         dir.y_row(t) + c0, dir.ldy, false);
+          K.panels(p1 - p0, pk.vecs, [&](int64_t c, int64_t w) {
+            K.panel_gemm(pk.pr + sl * pk.prstride + c * H, H, w, hfs, b, dir.y_row(t) + p0 + c, dir.ldy, false);
+          });
         } else {
           K.matvec(dir.w_hr + p0 * H, H, p1 - p0, H, hfs, b, dir.y_row(t) + p0, dir.ldy, false);
         }
@@ -223,7 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     T* h = hy[d].data_ptr<T>();
     const FwdScratch<T> scratch(L);
     // Split batch: every block's thread multiplies by all of W_hh (one slice); else each thread its own slice.
-    const Packed<T> pk = small ? pack_forward(dir, K, nblk > 1 ? 1 : small_slices(L)) : Packed<T>{};
+    const Packed<T> pk = small ? pack_forward(dir, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
+                                  : Packed<T>{};
     auto loop = [&](const RowBuf<T>& buf, int64_t s0, int64_t s1) {
       if (!small) return forward_large(dir, K, buf, s0, s1, h, c, scratch);
       if (nblk == 1) return forward_small(dir, K, pk, buf, s0, s1, h, c, scratch);

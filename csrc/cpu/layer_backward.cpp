@@ -106,35 +106,37 @@ void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>
   }
 }
 
-// Columns [p0, p1) of W_hh [GH, P] in strips of `panel` columns, each strip contiguous ([GH, panel], zero past p1),
-// for KernelTable::panel_gemm with the gate gradients as the rows (dh = dG W_hh).
+// Columns [p0, p1) of W_hh [GH, P] in strips cut by KernelTable::panels, the strip of columns p0 + [c, c + w)
+// contiguous at dst + c * R ([R, panel_width(w)], zero past w), for KernelTable::panel_gemm with the gate gradients
+// as the rows (dh = dG W_hh).
 template <typename T>
-void pack_columns(const T* W, int64_t R, int64_t ldw, int64_t p0, int64_t p1, int64_t panel, int64_t npan, T* dst) {
-  for (int64_t q = 0; q < npan; ++q) {
-    T* d = dst + q * panel * R;
-    const int64_t c0 = p0 + q * panel, n = std::max<int64_t>(0, std::min(panel, p1 - c0));
+void pack_columns(const KernelTable<T>& Kt, const T* W, int64_t R, int64_t ldw, int64_t p0, int64_t p1,
+                  int64_t vecs, T* dst) {
+  Kt.panels(p1 - p0, vecs, [&](int64_t c, int64_t w) {
+    const int64_t width = panel_width(w, Kt.vec);
+    T* d = dst + c * R;
     for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < n; ++c) d[r * panel + c] = W[r * ldw + c0 + c];
-      for (int64_t c = n; c < panel; ++c) d[r * panel + c] = T(0);
+      for (int64_t j = 0; j < w; ++j) d[r * width + j] = W[r * ldw + p0 + c + j];
+      for (int64_t j = w; j < width; ++j) d[r * width + j] = T(0);
     }
-  }
+  });
 }
 
 // dh = dG W_hh multiplies by per-thread packed strips of W_hh's columns, as the forward does with its rows.
 template <typename T>
-Packed<T> pack_backward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S) {
+Packed<T> pack_backward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, int64_t rows) {
   const Layout& L = *dir.L;
   Packed<T> pk;
   pk.S = S;
   if (!pack_weights(L, false)) return pk;
-  pk.npan = (slice_chunk(L.P, pk.S) + K.panel - 1) / K.panel;
-  pk.pstride = pk.npan * K.panel * dir.GH();
+  pk.vecs = K.panel_vecs_for(rows);
+  pk.pstride = panel_width(slice_chunk(L.P, pk.S), K.vec) * dir.GH();
   pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   pk.p = pk.buf.template data_ptr<T>();
   at::parallel_for(0, pk.S, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t sl = s0; sl < s1; ++sl) {
       const auto [p0, p1] = slice_range(L.P, sl, pk.S);
-      pack_columns(dir.w_hh, dir.GH(), L.P, p0, p1, K.panel, pk.npan, pk.p + sl * pk.pstride);
+      pack_columns(K, dir.w_hh, dir.GH(), L.P, p0, p1, pk.vecs, pk.p + sl * pk.pstride);
     }
   });
   return pk;
@@ -145,7 +147,7 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>&
                     int64_t s0, int64_t s1) {
   const Layout& L = *dir.L;
   const BwdBufs<T> bb = all.block(dir);
-  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S, panel = K.panel;
+  const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S;
   const std::vector<RecPart> parts = rec_parts(L);
   if (L.proj) total_dh(dir, bb, dir.step(s1 - 1), 0, P);
   SpinBarrier barrier(S);
@@ -172,9 +174,11 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>&
           const T* g = bb.row(dir, t) + part.col;
           const bool acc = L.mode == kGRU || part.col > 0;  // GRU: dh already holds z * dh from the gate pass
           if (!pk.p) K.vecmat(dir.w_hh + part.wrow * P, P, part.R, p0, p1, g, bb.ldg, b, bb.dh, P, acc);
-          for (int64_t q = 0, c0 = p0; pk.p && c0 < p1; ++q, c0 += panel)
-            K.panel_gemm(pk.p + sl * pk.pstride + q * panel * GH + part.wrow * panel, part.R,
-                         std::min(panel, p1 - c0), RowSrc<T>{g, bb.ldg, b, nullptr, 0}, b, bb.dh + c0, P, acc);
+          if (pk.p)
+            K.panels(p1 - p0, pk.vecs, [&](int64_t c, int64_t w) {
+              K.panel_gemm(pk.p + sl * pk.pstride + c * GH + part.wrow * panel_width(w, K.vec), part.R, w,
+                           RowSrc<T>{g, bb.ldg, b, nullptr, 0}, b, bb.dh + p0 + c, P, acc);
+            });
         }
         if (L.proj && s > s0) total_dh(dir, bb, dir.step(s - 1), p0, p1);
       }
@@ -270,7 +274,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
     Tensor hprev = uniform ? Tensor() : alloc({max_rows, L.P}, opts);
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
-    const Packed<T> pk = small && L.T ? pack_backward(dir, K, nblk > 1 ? 1 : small_slices(L)) : Packed<T>{};
+    const Packed<T> pk = small && L.T ? pack_backward(dir, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
+                                  : Packed<T>{};
     Tensor& g_ih = gw[d * L.group + 0];
     Tensor& g_hh = gw[d * L.group + 1];
     for (size_t i = 0; i < chunks.size(); ++i) {  // the last chunk of the loop first

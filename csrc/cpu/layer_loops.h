@@ -357,6 +357,13 @@ inline std::vector<int64_t> batch_blocks(const Layout& L, bool small, size_t ele
   return cut(lo);
 }
 
+// Rows of the largest block of batch_blocks().
+inline int64_t max_block_rows(const std::vector<int64_t>& blocks) {
+  int64_t r = 0;
+  for (size_t i = 0; i + 1 < blocks.size(); ++i) r = std::max(r, blocks[i + 1] - blocks[i]);
+  return r;
+}
+
 // Runs fn(i) for i in [0, n) on the intra-op threads, one task a thread. The tasks call ATen ops, so each worker
 // takes the caller's thread-local state first (at::parallel_for does not carry it): without it a worker runs
 // them with grad mode on and the autograd keys active, and an out= op on a parameter that requires grad fails.
@@ -439,17 +446,19 @@ struct RowBuf {
   T* row(int64_t r) const { return p + (r - r0) * ld; }
 };
 
-// Per-thread packed weight slices of the persistent loops: slice sl of S at p + sl * pstride, npan panels a gate.
+// Per-thread packed weight slices of the persistent loops: slice sl of S at p + sl * pstride. Forward: gate g of
+// a slice at g * gw * P (gw columns a gate, see pack_slice_gate()); backward: column strips (pack_columns()).
 // p == nullptr: not packed, the loops multiply by W_hh as it is (see pack_weights()).
 template <typename T>
 struct Packed {
   Tensor buf;
   T* p = nullptr;
-  int64_t S = 1, npan = 0, pstride = 0;
+  int64_t S = 1, gw = 0, pstride = 0;
+  int64_t vecs = 2;  // vectors a panel (KernelTable::panel_vecs_for)
   // Forward with a projection: W_hr [P, H] likewise, slice sl (rows [p0, p1) of slice_range(P, sl, S)) at
-  // pr + sl * prstride, npan_r panels of K = H.
+  // pr + sl * prstride, panels of K = H.
   T* pr = nullptr;
-  int64_t npan_r = 0, prstride = 0;
+  int64_t prstride = 0;
 };
 
 // Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
