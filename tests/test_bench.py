@@ -413,6 +413,9 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     assert "gru-T100-B1-I256-H256-fp32" in out and "lstm" not in out.split("cases")[0]
     assert main(["--list", "--cells", "lstm,foo"]) == 2
+    assert main(["--list", "--device", "cpu", "--targets", "--backends", ""]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    assert len(lines) == 11 and all("target" in line.split() for line in lines), lines
 
 
 def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tiny_results):

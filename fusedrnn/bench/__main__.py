@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default=None,
                    help="comma-separated (default: float32 on CPU; float32,float16,bfloat16 on CUDA)")
     p.add_argument("--filter", default=None, help="only cases whose id contains this text (e.g. lstm-T100-B16)")
+    p.add_argument("--targets", action="store_true",
+                   help="only the cases with a speed target (CPU: issue 3's list; a few minutes on 2 cores)")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out/)")
     p.add_argument("--compare", default=None, metavar="OLD_JSON", help="print the change against an earlier run")
     p.add_argument("--rounds", type=int, default=None, help="max interleaved rounds per case and mode")
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     cases = build_grid(preset, device.type, cells, dtypes, reference_everywhere=args.reference_everywhere)
     if args.filter:
         cases = [c for c in cases if args.filter in c.id]
+    if args.targets:
+        cases = [c for c in cases if c.target]
     avail = harness.available_backends()
     if args.backends is None:  # those that run on this device (e.g. not triton on the CPU)
         backends = [b for b in avail if any(harness.backend_supports(b, c, device)[0] for c in cases)]
