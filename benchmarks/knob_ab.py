@@ -3,7 +3,8 @@
     python benchmarks/knob_ab.py FUSEDRNN_CPU_CHUNK_ROWS 512 - "LSTM,500,32,128;GRU,100,16,256" [--rounds 30]
         [--mode fwd|fwdbwd] [--threads 2]
 
-A case is cell,T,B,H[,key=value...] (I = H; extra keys go to the constructor, e.g. proj_size=64). A value of "-"
+A case is cell,T,B,H[,key=value...] (I = H; extra keys go to the constructor, e.g. proj_size=64, except packed=1:
+a PackedSequence with the lengths of the bench's packed cases, T down to T/4). A value of "-"
 leaves the variable unset (the built-in choice). Each round calls the module once with each value, the order
 alternating, and the per-round time ratio (first value / second) is what is reported: its median and quartiles.
 On a shared machine whose speed drifts, ratios of neighbouring calls resolve a few per cent where separate runs
@@ -17,6 +18,7 @@ import time
 import torch
 
 import fusedrnn
+from fusedrnn.bench.cases import Case
 
 
 def parse_case(text):
@@ -53,17 +55,22 @@ def main():
 def run(args):
     for text in args.cases.split(";"):
         cell, T, B, H, kw = parse_case(text)
+        packed = bool(kw.pop("packed", 0))
         torch.manual_seed(0)
         m = getattr(fusedrnn, cell)(H, H, backend="cpu", **kw)
         x = torch.randn(T, B, H)
+        if packed:
+            lengths = Case(cell.lower(), T, B, H, H, packed=True).lengths()
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))
 
         def call():
             if args.mode == "fwd":
                 with torch.no_grad():
                     m(x)
             else:
-                xx = x.detach().requires_grad_()
-                m(xx)[0].sum().backward()
+                xx = x.detach().requires_grad_() if not packed else x._replace(data=x.data.detach().requires_grad_())
+                y = m(xx)[0]
+                (y.data if packed else y).sum().backward()
                 m.zero_grad(set_to_none=True)
 
         times = {args.a: [], args.b: []}

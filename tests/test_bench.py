@@ -436,7 +436,8 @@ def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tin
 @pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
 def test_knob_ab_alternates_the_setting_and_restores_it(capsys, monkeypatch):
     """benchmarks/knob_ab.py: one line per case with the ratio of the two settings, alternating which runs first;
-    "-" leaves the knob unset, and the variable is as it was afterwards."""
+    "-" leaves the knob unset, and the variable is as it was afterwards; packed=1 feeds a PackedSequence with the
+    bench's lengths."""
     import importlib.util
     import pathlib
     import sys
@@ -448,10 +449,15 @@ def test_knob_ab_alternates_the_setting_and_restores_it(capsys, monkeypatch):
     seen, set_knob = [], mod.set_knob
     monkeypatch.setattr(mod, "set_knob", lambda name, v: (seen.append(v), set_knob(name, v)))
     monkeypatch.delenv("FUSEDRNN_CPU_CHUNK_ROWS", raising=False)
-    monkeypatch.setattr(sys, "argv", ["knob_ab", "FUSEDRNN_CPU_CHUNK_ROWS", "1", "-", "GRU,4,2,8;LSTM,3,1,8",
+    monkeypatch.setattr(sys, "argv", ["knob_ab", "FUSEDRNN_CPU_CHUNK_ROWS", "1", "-",
+                                      "GRU,4,2,8;LSTM,3,1,8;LSTM,8,3,8,packed=1",
                                       "--rounds", "2", "--mode", "fwdbwd", "--threads", str(torch.get_num_threads())])
+    inputs, forward = [], fusedrnn.LSTM.forward
+    monkeypatch.setattr(fusedrnn.LSTM, "forward", lambda self, x, hx=None: (inputs.append(x), forward(self, x, hx))[1])
     mod.main()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all("FUSEDRNN_CPU_CHUNK_ROWS=1 / -: ratio" in ln for ln in lines)
+    packed = [x for x in inputs if isinstance(x, torch.nn.utils.rnn.PackedSequence)]
+    assert packed and all(x.batch_sizes.tolist() == [3, 3, 2, 2, 2, 1, 1, 1] for x in packed)
+    assert len(lines) == 3 and all("FUSEDRNN_CPU_CHUNK_ROWS=1 / -: ratio" in ln for ln in lines)
     assert seen[:4] == ["1", "-", "-", "1"]  # alternating order, round by round
     assert "FUSEDRNN_CPU_CHUNK_ROWS" not in os.environ

@@ -294,12 +294,15 @@ inline bool directions_in_parallel(const Layout& L, bool small, size_t elem_byte
 // W_hh. Chosen from 8 rows a thread while W_hh fits a thread's L2 cache. Measured (2 threads, AVX-512, time split /
 // time sliced, fwd and fwd+bwd): LSTM T500 B32 H128 0.85 / 0.90, GRU same 0.79 / 0.86, RNN T200 B16 H256 0.82 /
 // 0.88, LSTM and GRU T100 B16 H256 0.92-0.95 / 0.90; B8-B12 within 3% either way; B4 1.32 / 1.19 (too few rows to
-// block); H512 (W_hh 3-4 MiB, past L2) 1.0-1.1. With lengths uniform in [T/10, T] (ratio of time split / sliced,
-// fwd and fwd+bwd): LSTM T100 H256 B16 1.04-1.06 / 1.05, B32 1.06 / 1.03, GRU T100 B16 H256 1.03 / 1.05, but LSTM
-// T500 B32 H128 (W_hh 256 KiB) 0.95 / 0.89. The blocks are cut so that the most expensive costs least (see
-// block_cost(); sequences are sorted longest first, so a block of long sequences has fewer rows). Returns the block
-// boundaries [0, ..., B]: one block (no split) unless chosen. FUSEDRNN_CPU_SPLIT=batch|hidden overrides (tests run
-// both).
+// block); H512 (W_hh 3-4 MiB, past L2) 1.0-1.1. Lengths that vary: split while W_hh fits half a thread's L2 and a
+// thread would hold fewer than 16 rows. Measured with the three-vector panels (kernels_products.h; time split /
+// sliced, forward, lengths evenly from T to T/4 as the bench's packed cases, and uniform in [T/10, T] with two
+// seeds): LSTM T100 B16 H256 0.919-0.930 / 0.927-0.937 (forward+backward 0.938), GRU same 0.935 / 0.906-0.950,
+// LSTM B32 H256 0.975 / 1.011-1.093 (hence under 16 rows a thread), B64 1.026; W_hh past half of L2: LSTM B16 H384
+// (2.25 MiB) 1.131, H512 1.313. (With the two-vector panels before them, uniform lengths: LSTM B16 H256 1.04-1.06,
+// LSTM T500 B32 H128 0.95.) The blocks are cut so that the most expensive costs least (see block_cost(); sequences
+// are sorted longest first, so a block of long sequences has fewer rows). Returns the block boundaries [0, ..., B]:
+// one block (no split) unless chosen. FUSEDRNN_CPU_SPLIT=batch|hidden overrides (tests run both).
 //
 // A block's cost in row-steps: its tokens, plus, at each step where fewer than kStepRows of its rows are alive,
 // the rows missing to kStepRows: a step streams all of W_hh from L2 however few rows multiply it, which takes
@@ -320,10 +323,11 @@ inline std::vector<int64_t> batch_blocks(const Layout& L, bool small, size_t ele
   if (!small || L.T == 0 || at::in_parallel_region()) return whole;
   const int64_t nblk = std::min<int64_t>(at::get_num_threads(), L.B);
   // Lengths that vary (under 90% of B*T tokens): blocks of long sequences spend many steps with few rows, where a
-  // step costs the stream of all of W_hh from L2 (a thread slice streams half); split only while W_hh is small.
+  // step costs the stream of all of W_hh from L2 (a thread slice streams half); split only while W_hh is small
+  // and the blocks are too small for the sliced loop's register blocks to pay.
   const bool even = 10 * L.N >= 9 * L.B * L.T;
   const int64_t w_bytes = L.G * L.H * L.P * static_cast<int64_t>(elem_bytes);
-  bool split = L.B >= 8 * nblk && w_bytes <= (even ? l2_bytes() : l2_bytes() / 4);
+  bool split = L.B >= 8 * nblk && (even ? w_bytes <= l2_bytes() : w_bytes <= l2_bytes() / 2 && L.B < 16 * nblk);
   if (const char* e = std::getenv("FUSEDRNN_CPU_SPLIT")) {
     if (std::strcmp(e, "batch") == 0) split = true;
     if (std::strcmp(e, "hidden") == 0) split = false;
