@@ -188,8 +188,43 @@ inline void row_blocks(int64_t b, int64_t max_rows, const F& f) {
   }
 }
 
+// Vectors of columns a packed panel holds at most: 3 where 32 vector registers hold 8 rows x 3 accumulators, the
+// 3 weight vectors and a broadcast, else 2 (kernels.h, KernelTable::panel_vecs; below kWidePanelRows rows a block
+// the layer takes 2). Measured, one core streaming the panels from L2 (AVX-512, float, time at 2 vectors / time at
+// 3, both with the prefetch below): 8 rows x K 256 x 768-1024 columns 1.12-1.13, 16 rows x K 128 1.04-1.05, 64
+// rows x K 512 1.02-1.03, 4 rows x K 256 1.05. In the modules (2 threads, forward, alternating call by call, time
+// at 2 vectors / at 3, both prefetching): GRU and LSTM T100 B16 H256 1.036 and 1.034, B12 1.037, B32 1.035, LSTM
+// T500 B32 H128 0.988, but LSTM B4 0.965 and GRU B4 0.962, hence 2 vectors under 6 rows. Against the kernel
+// before (2 vectors, no prefetch): forward GRU B16 1.04-1.08, LSTM B16 1.054, B8 1.084-1.092, T500 B32 H128 1.047,
+// B64 H512 1.023, proj (H512 P128 B16) 1.067, 2-layer bidirectional B16 1.078, B4 1.022, GRU B4 1.010, RNN T200
+// B16 1.003; forward+backward GRU B16 1.044, LSTM B16 1.016, T500 1.023, proj 1.030.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kPanelVecs = 3;
+#else
+constexpr int kPanelVecs = 2;
+#endif
+
+// Batch rows a register block of the panel kernel takes with NV vectors of columns (NV accumulators a row).
+template <int NV>
+constexpr int panel_rows() {
+  return NV == 3 ? 8 : kPanelRows;
+}
+
+// Weight rows (k) ahead of the one being multiplied that the panel kernels prefetch into L1: the panels stream
+// from L2 at one row per NV * MR FMAs, which the hardware prefetchers alone did not keep up with (AVX-512, 8 rows
+// x 2 vectors x K 256, one core: 1.01-1.15x faster with it; the AVX2 build in the modules, forward, time without /
+// with: GRU and LSTM T100 B16 H256 1.033 and 1.056, LSTM B4 1.026).
+constexpr int64_t kPanelPrefetch = 8;
+
+template <typename T, int NV>
+inline void prefetch_row(const T* p) {
+  constexpr int64_t bytes = NV * Vec<T>::size() * sizeof(T);
+  UNROLL
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 3);
+}
+
 // NB batch rows x NC column vectors of out[j, c] = sum_r g[j, r] W[r, c]; n valid lanes in the last vector.
-template <typename T, int NB, int NC>
+template <typename T, int NB, int NC, bool PF = false>
 inline void vecmat_block(const T* W, int64_t ldw, int64_t R, const T* g, int64_t ldg, T* out, int64_t ldo,
                          int64_t n, bool accumulate) {
   constexpr int64_t V = Vec<T>::size();
@@ -199,6 +234,7 @@ inline void vecmat_block(const T* W, int64_t ldw, int64_t R, const T* g, int64_t
     UNROLL
     for (int c = 0; c < NC; ++c) acc[jb][c] = Vec<T>(T(0));
   for (int64_t r = 0; r < R; ++r) {
+    if constexpr (PF) prefetch_row<T, NC>(W + (r + kPanelPrefetch) * ldw);
     Vec<T> w[NC];
     UNROLL
     for (int c = 0; c < NC; ++c) w[c] = ld(W + r * ldw + c * V, c == NC - 1 ? n : V);
@@ -256,7 +292,10 @@ void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1
   if (b == 1) return vecmat_nb<T, 1>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
   if (b == 2) return vecmat_nb<T, 2>(W, ldw, R, c0, c1, g, ldg, out, ldo, accumulate);
   // More rows: strips of two vectors of columns, all row blocks of a strip in turn, so the strip of W (R x 2V)
-  // stays in L1/L2 while every row block reads it instead of the whole slice streaming once per row block.
+  // stays in L1/L2 while every row block reads it instead of the whole slice streaming once per row block; its rows
+  // prefetched ahead as the panels' are. (Strips of three vectors, as the packed panels from 6 rows, were slower
+  // here: W_hh as it is has a row stride of P. Forward+backward, GRU/LSTM T100 B16 H256 unpacked, time before /
+  // after: three vectors 0.979-0.99 without the prefetch; two vectors with it 1.016 and 1.033.)
   for (int64_t c = c0; c < c1; c += 2 * V) {
     const int64_t n = std::min(2 * V, c1 - c);
     row_blocks(b, kPanelRows, [&](int64_t j0, int64_t nb) {
@@ -264,46 +303,11 @@ void vecmat_unchunked(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1
       T* o = out + j0 * ldo + c;
       with_rows<kPanelRows>(nb, [&](auto rows) {
         constexpr int NB = decltype(rows)::value;
-        if (n > V) vecmat_block<T, NB, 2>(W + c, ldw, R, gj, ldg, o, ldo, n - V, accumulate);
-        else vecmat_block<T, NB, 1>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate);
+        if (n > V) vecmat_block<T, NB, 2, true>(W + c, ldw, R, gj, ldg, o, ldo, n - V, accumulate);
+        else vecmat_block<T, NB, 1, true>(W + c, ldw, R, gj, ldg, o, ldo, n, accumulate);
       });
     });
   }
-}
-
-// Vectors of columns a packed panel holds at most: 3 where 32 vector registers hold 8 rows x 3 accumulators, the
-// 3 weight vectors and a broadcast, else 2 (kernels.h, KernelTable::panel_vecs; below kWidePanelRows rows a block
-// the layer takes 2). Measured, one core streaming the panels from L2 (AVX-512, float, time at 2 vectors / time at
-// 3, both with the prefetch below): 8 rows x K 256 x 768-1024 columns 1.12-1.13, 16 rows x K 128 1.04-1.05, 64
-// rows x K 512 1.02-1.03, 4 rows x K 256 1.05. In the modules (2 threads, forward, alternating call by call, time
-// at 2 vectors / at 3, both prefetching): GRU and LSTM T100 B16 H256 1.036 and 1.034, B12 1.037, B32 1.035, LSTM
-// T500 B32 H128 0.988, but LSTM B4 0.965 and GRU B4 0.962, hence 2 vectors under 6 rows. Against the kernel
-// before (2 vectors, no prefetch): forward GRU B16 1.04-1.08, LSTM B16 1.054, B8 1.084-1.092, T500 B32 H128 1.047,
-// B64 H512 1.023, proj (H512 P128 B16) 1.067, 2-layer bidirectional B16 1.078, B4 1.022, GRU B4 1.010, RNN T200
-// B16 1.003; forward+backward GRU B16 1.044, LSTM B16 1.016, T500 1.023, proj 1.030.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kPanelVecs = 3;
-#else
-constexpr int kPanelVecs = 2;
-#endif
-
-// Batch rows a register block of the panel kernel takes with NV vectors of columns (NV accumulators a row).
-template <int NV>
-constexpr int panel_rows() {
-  return NV == 3 ? 8 : kPanelRows;
-}
-
-// Weight rows (k) ahead of the one being multiplied that the panel kernels prefetch into L1: the panels stream
-// from L2 at one row per NV * MR FMAs, which the hardware prefetchers alone did not keep up with (AVX-512, 8 rows
-// x 2 vectors x K 256, one core: 1.01-1.15x faster with it; the AVX2 build in the modules, forward, time without /
-// with: GRU and LSTM T100 B16 H256 1.033 and 1.056, LSTM B4 1.026).
-constexpr int64_t kPanelPrefetch = 8;
-
-template <typename T, int NV>
-inline void prefetch_panel_row(const T* p) {
-  constexpr int64_t bytes = NV * Vec<T>::size() * sizeof(T);
-  UNROLL
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + off, 0, 3);
 }
 
 // MR batch rows x one packed panel of NV vectors of columns: out[j, c] (+)= sum_k h_j[k] Wp[k, c], n valid
@@ -321,7 +325,7 @@ inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64
     hr[j] = h[j];
   }
   for (int64_t k = 0; k < K; ++k) {
-    prefetch_panel_row<T, NV>(Wp + (k + kPanelPrefetch) * W);
+    prefetch_row<T, NV>(Wp + (k + kPanelPrefetch) * W);
     Vec<T> w[NV];
     UNROLL
     for (int v = 0; v < NV; ++v) w[v] = Vec<T>::loadu(Wp + k * W + v * V);

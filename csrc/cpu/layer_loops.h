@@ -476,10 +476,12 @@ struct Packed {
 // T128 0.80; B3 T16 1.2, T200 0.94; H512 B64 T1 1.46, T2 1.06, T4 0.95).
 // Backward: the vector-matrix kernel on W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from
 // batch 4 by 1-4% (fwd+bwd, LSTM T100 B16 H256 1.2%, GRU same 2.9%, LSTM T500 B32 H128 4.4%, LSTM T100 B64 H512
-// 3.4%); the backward packs only while its copy adds at most an eighth to the reserve (G*H*P <= N*G*H / 8): on
-// short sequences and small batches the copy was what put the peak memory of forward+backward above torch.nn's
-// (RNN T100 B4 H512: 1.17x, 0.96x without it). FUSEDRNN_CPU_PACK=0|1 (both), fwd or bwd (only that one) overrides
-// (tests and benchmarks).
+// 3.4%; with the three-vector panels and the vector-matrix kernel's prefetch, LSTM, time packed / unpacked: T100
+// B16 H256 0.974-0.982, 2-layer bidirectional 0.975, T50 B16 1.008, T100 B8 1.0). GRU and RNN pack only while the
+// copy adds at most an eighth to the reserve (G*H*P <= N*G*H / 8): on short sequences and small batches the copy was
+// what put the peak memory of forward+backward above torch.nn's (RNN T100 B4 H512: 1.17x, 0.96x without it). LSTM,
+// whose peak is far below torch.nn's (0.37-0.69x where this adds a copy), packs from N >= 4P. FUSEDRNN_CPU_PACK=0|1 (both),
+// fwd or bwd (only that one) overrides (tests and benchmarks).
 inline bool pack_weights(const Layout& L, bool forward) {
   if (const char* e = std::getenv("FUSEDRNN_CPU_PACK")) {
     if (std::strcmp(e, "0") == 0) return false;
@@ -488,7 +490,7 @@ inline bool pack_weights(const Layout& L, bool forward) {
     if (std::strcmp(e, "bwd") == 0) return !forward;
   }
   if (forward) return L.B > 2 && 2 * L.N >= L.P;
-  return L.B > 2 && 8 * L.P <= L.N;
+  return L.B > 2 && (L.mode == kLSTM ? 4 * L.P <= L.N : 8 * L.P <= L.N);
 }
 
 inline std::vector<Tensor> contiguous_all(at::TensorList ws) {
