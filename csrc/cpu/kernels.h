@@ -58,6 +58,19 @@ struct BwdArgs {
   T* dhp = nullptr; int64_t ld_dhp = 0;        // GRU [b, H]: receives z * dh (may alias dh)
 };
 
+// [0, n) cut into the fewest parts of at most max_part, as even as possible (16 by 12: 8 + 8, not 12 + 4); calls
+// f(start, size) for each part in order.
+template <typename F>
+inline void even_parts(int64_t n, int64_t max_part, const F& f) {
+  if (n <= 0) return;
+  const int64_t parts = (n + max_part - 1) / max_part, base = n / parts, extra = n % parts;
+  for (int64_t i = 0, start = 0; i < parts; ++i) {
+    const int64_t size = base + (i < extra ? 1 : 0);
+    f(start, size);
+    start += size;
+  }
+}
+
 // Rows from which the packed products take the widest panels (KernelTable::panel_vecs_for).
 constexpr int64_t kWidePanelRows = 6;
 
@@ -85,19 +98,13 @@ struct KernelTable {
   // for c < n, 0 for n <= c < width = panel_width(n, vec), k < K. A transpose: vector blocks where the build has
   // them.
   void (*pack_panel)(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst);
-  // Cuts n columns into panels of at most vecs (<= panel_vecs) vectors, as even as possible (16 vectors by 3:
+  // Cuts n columns into panels of at most vecs (<= panel_vecs) vectors by even_parts (16 vectors by 3:
   // 3 3 3 3 2 2, not 3 3 3 3 3 1, whose last panel would keep too few accumulators busy), and calls f(c, w) for
   // each: columns [c, c + w). c is a multiple of vec, so panels packed one after another for K rows start at c * K.
   template <typename F>
   void panels(int64_t n, int64_t vecs, const F& f) const {
-    const int64_t nv = (n + vec - 1) / vec;
-    if (nv <= 0) return;
-    const int64_t np = (nv + vecs - 1) / vecs, base = nv / np, extra = nv % np;
-    for (int64_t q = 0, c = 0; q < np; ++q) {
-      const int64_t w = (base + (q < extra ? 1 : 0)) * vec;
-      f(c, std::min(w, n - c));
-      c += w;
-    }
+    even_parts((n + vec - 1) / vec, vecs,
+               [&](int64_t v0, int64_t nv) { f(v0 * vec, std::min(nv * vec, n - v0 * vec)); });
   }
   // Vectors a panel holds for products of up to `rows` batch rows at a time: panel_vecs from kWidePanelRows rows,
   // else at most 2 (see kernels_products.h, kPanelVecs).

@@ -185,7 +185,8 @@ inline void lstm_fwd_units(const FwdArgs<T>& a, int64_t j, int64_t k, int64_t n)
   }
 }
 
-// Rows [j0, j1), units [k0, k1) through units(j, k, n) of kGateVecs whole vectors, then of one.
+// Rows [j0, j1), units [k0, k1): pairs(j, k) on kGateVecs whole vectors at a time, then single(j, k, n) on one
+// vector (n valid lanes) for what is left of the row.
 template <typename T, typename F2, typename F1>
 inline void gate_rows(int64_t j0, int64_t j1, int64_t k0, int64_t k1, const F2& pairs, const F1& single) {
   constexpr int64_t V = Vec<T>::size();

@@ -179,13 +179,7 @@ inline void with_rows(int64_t nb, const F& f) {
 // block is left with too few accumulators to hide the FMA latency. Calls f(j0, nb) per block.
 template <typename F>
 inline void row_blocks(int64_t b, int64_t max_rows, const F& f) {
-  if (b <= 0) return;
-  const int64_t nblk = (b + max_rows - 1) / max_rows, base = b / nblk, extra = b % nblk;
-  for (int64_t i = 0, j0 = 0; i < nblk; ++i) {
-    const int64_t nb = base + (i < extra ? 1 : 0);
-    f(j0, nb);
-    j0 += nb;
-  }
+  even_parts(b, max_rows, f);
 }
 
 // Vectors of columns a packed panel holds at most: 3 where 32 vector registers hold 8 rows x 3 accumulators, the
