@@ -26,7 +26,8 @@ else:
 
 # Reserve row width per mode, in units of H (docs/design.md).
 _RESERVE = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}
-_DTYPES = (torch.float32, torch.float64)
+# bfloat16 / float16 run the float32 kernels on float32 copies (csrc/cpu/layer_loops.h, half_precision).
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def set_capability(name: str) -> None:

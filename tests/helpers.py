@@ -70,3 +70,35 @@ def sequence_input(kind_input, T, B, I, batch_first, dtype, seed=2, device="cpu"
                                         enforce_sorted=kind_input == "packed_sorted"), [x]
         return x, [x]
     return make
+
+
+def low_precision_inputs(T, B, I, lengths, dtype, device="cpu"):
+    """make_input factories (see outputs_and_grads) for the same unsorted packed input in `dtype` and, with exactly
+    the same values, in float64."""
+    base = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def factory(dt):
+        def make():
+            x = base.to(device, dt).requires_grad_()
+            return pack_padded_sequence(x, lengths, enforce_sorted=False), [x]
+        return make
+    return factory(dtype), factory(torch.float64)
+
+
+def check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, backend, layers=1, bidirectional=True):
+    """The flash-attention rule for fp16/bf16: ours (`backend`) and torch.nn in `dtype`, both against torch.nn in
+    float64 run on the same (rounded) parameters and inputs; outputs and every gradient."""
+    import copy
+
+    from conftest import assert_low_precision
+
+    nn_lp, ours = make_pair(kind, I, H, num_layers=layers, bidirectional=bidirectional, backend=backend,
+                            dtype=dtype, **kw)
+    nn_lp, ours = nn_lp.to(device), ours.to(device)
+    nn64 = copy.deepcopy(nn_lp).double()
+    make_lp, make64 = low_precision_inputs(T, B, I, lengths, dtype, device)
+    o, g = outputs_and_grads(ours, make_lp)
+    o_lp, g_lp = outputs_and_grads(nn_lp, make_lp)
+    o64, g64 = outputs_and_grads(nn64, make64)
+    assert_low_precision(o, o_lp, o64, f"{kind} {dtype} outputs")
+    assert_low_precision(g, g_lp, g64, f"{kind} {dtype} grads")

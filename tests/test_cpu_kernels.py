@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from fusedrnn.backends import GATES, get_backend
+from fusedrnn.backends import GATES, get_backend, resolve
 
 cpu = pytest.importorskip("fusedrnn.cpu")
 pytestmark = pytest.mark.skipif(cpu._C is None, reason="fusedrnn._C is not built")
@@ -288,9 +288,11 @@ def test_bad_inputs_raise():
         forward("cpu", bad, False)
 
 
-@pytest.mark.parametrize("mode,proj", [("lstm", 0), ("lstm", 3), ("gru", 0), ("rnn_relu", 0)])
-def test_opcheck(mode, proj):
-    args, grads = make_case(mode, 2, 3, [3, 2, 1], I=4, H=6, proj=proj, dtype=torch.float64)
+@pytest.mark.parametrize("mode,proj,dtype", [("lstm", 0, torch.float64), ("lstm", 3, torch.float64),
+                                            ("gru", 0, torch.float64), ("rnn_relu", 0, torch.float64),
+                                            ("lstm", 3, torch.bfloat16), ("gru", 0, torch.float16)])
+def test_opcheck(mode, proj, dtype):
+    args, grads = make_case(mode, 2, 3, [3, 2, 1], I=4, H=6, proj=proj, dtype=dtype)
     fwd_args = (args["mode"], args["x"], args["batch_sizes"], args["hx"], args["cx"], args["weights"],
                 args["has_biases"], args["num_directions"], True)
     torch.library.opcheck(torch.ops.fusedrnn.cpu_rnn_forward.default, fwd_args)
@@ -447,3 +449,58 @@ def test_large_buffers_advised_huge_pages(setting, monkeypatch):
     assert ("hg" in big) == (setting == "default"), big
     assert y.numel() * y.element_size() < 32 << 20
     assert "hg" not in (_vm_flags(y.data_ptr()) or [])
+
+
+# ---- bfloat16 / float16 -----------------------------------------------------------------------------------------
+LP_CELLS = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"}),
+            ("LSTM", {"proj_size": 5})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", LP_CELLS, ids=lambda c: c[0] + c[1].get("nonlinearity", "") + ("-proj" if c[1] else ""))
+@pytest.mark.parametrize("H,loop", [(16, "persistent"), (40, "gemm")])
+def test_half_precision_2x_rule(cell, dtype, H, loop, monkeypatch):
+    """bfloat16 / float16 on the cpu backend (the float32 kernels on float32 copies): 2 layers, bidirectional,
+    unsorted packed input; outputs and every gradient within the flash-attention rule (error against float64 at
+    most 2x torch.nn's in the same dtype), in both time loops."""
+    from helpers import check_2x_rule
+
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    kind, kw = cell
+    check_2x_rule(kind, kw, 8, H, 12, 6, [12, 12, 9, 5, 2, 1], dtype, "cpu", "cpu", layers=2)
+
+
+@pytest.mark.parametrize("half_gemm", ["-", "0"], ids=["mixed-gemm", "float32-copies"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode,proj,I,train", [("lstm", 0, 6, True), ("lstm", 3, 6, True), ("gru", 0, 6, True),
+                                               ("rnn_tanh", 0, 6, True), ("lstm", 0, 96, True),
+                                               ("gru", 0, 96, False)])
+def test_half_precision_op_contract(mode, proj, I, train, dtype, half_gemm, monkeypatch):
+    """Every output of the half-precision op has x's dtype (reserve included) and, in the persistent loop (batch 4,
+    under the half-precision GEMM loop's size), its values are the float32 kernels' on the same rounded inputs,
+    rounded once: the forward to within that rounding (the input projections
+    run as a GEMM of the half-precision operands with float32 sums, whose order may differ), the backward (float32
+    throughout, on the rounded y and reserve it is given) exactly. `auto` picks the cpu backend for them."""
+    from conftest import rel_err
+
+    if half_gemm == "0":
+        monkeypatch.setenv("FUSEDRNN_CPU_HALF_GEMM", "0")
+    args, grads = make_case(mode, 2, 4, [5, 4, 2, 1], I=I, H=8, proj=proj, dtype=dtype)
+    assert resolve("auto", torch.device("cpu"), dtype, mode, bool(proj)) == "cpu"
+    f = lambda t: t if t is None or t.dtype == torch.int64 else t.float()  # noqa: E731
+    a = {k: ([f(w) for w in v] if k == "weights" else f(v) if isinstance(v, torch.Tensor) else v)
+         for k, v in args.items()}
+    if not train:
+        for got, want in zip(forward("cpu", args, False), forward("cpu", a, False)):
+            assert got.dtype == dtype and rel_err(got, want) <= torch.finfo(dtype).eps
+        return
+    lp = run("cpu", args, grads)
+    for v in lp.values():
+        assert v.dtype == dtype
+    for k, v in zip(["y", "hy", "cy", "reserve"], forward("cpu", a, True)):
+        assert rel_err(lp[k], v) <= torch.finfo(dtype).eps, k
+    b = get_backend("cpu")
+    gx, ghx, gcx, gws = b.backward(mode, *(f(g) for g in grads), a["x"], a["batch_sizes"], a["hx"], a["cx"],
+                                   a["weights"], True, 2, f(lp["y"]), f(lp["reserve"]))
+    for k, v in zip(["grad_x", "grad_hx", "grad_cx"] + [f"grad_w{i}" for i in range(len(gws))], [gx, ghx, gcx, *gws]):
+        assert torch.equal(lp[k], v.to(dtype)), k

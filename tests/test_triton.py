@@ -21,7 +21,7 @@ import fusedrnn.reference as reference  # noqa: E402
 from fusedrnn.backends import available_backends, get_backend  # noqa: E402
 
 from conftest import assert_close_all, assert_low_precision  # noqa: E402
-from helpers import make_pair, outputs_and_grads  # noqa: E402
+from helpers import check_2x_rule, low_precision_inputs, make_pair, outputs_and_grads  # noqa: E402
 
 if "triton" not in available_backends():  # importable triton, but the backend failed to register: a real failure
     raise RuntimeError("triton is importable but fusedrnn's triton backend did not register")
@@ -241,42 +241,11 @@ def test_module_packed_bidirectional_fp32(cell):
     kind, kw = cell
     ref, ours = make_pair(kind, 3, 8, num_layers=2, bidirectional=True, backend="triton", dtype=torch.float32, **kw)
     ref.double()
-    make32, make64 = _lp_inputs(4, 3, 3, [2, 4, 1], torch.float32)
+    make32, make64 = low_precision_inputs(4, 3, 3, [2, 4, 1], torch.float32)
     o, g = outputs_and_grads(ours, make32)
     o_ref, g_ref = outputs_and_grads(ref, make64)
     assert_close_all(o, o_ref, torch.float32, f"{kind} outputs")
     assert_close_all(g, g_ref, torch.float32, f"{kind} grads")
-
-
-def _lp_inputs(T, B, I, lengths, dtype, device="cpu"):
-    """make_input factories (see helpers.outputs_and_grads) for the same packed input in `dtype` and, exactly the
-    same values, in float64."""
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    base = torch.randn(T, B, I, generator=torch.Generator().manual_seed(2)).to(dtype)
-
-    def factory(dt):
-        def make():
-            x = base.to(device, dt).requires_grad_()
-            return pack_padded_sequence(x, lengths, enforce_sorted=False), [x]
-        return make
-    return factory(dtype), factory(torch.float64)
-
-
-def _check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, layers=1):
-    """ours (triton) and torch.nn in `dtype`, both against torch.nn in float64 run on the same (rounded) parameters
-    and inputs."""
-    import copy
-
-    nn_lp, ours = make_pair(kind, I, H, num_layers=layers, bidirectional=True, backend="triton", dtype=dtype, **kw)
-    nn_lp, ours = nn_lp.to(device), ours.to(device)
-    nn64 = copy.deepcopy(nn_lp).double()
-    make_lp, make64 = _lp_inputs(T, B, I, lengths, dtype, device)
-    o, g = outputs_and_grads(ours, make_lp)
-    o_lp, g_lp = outputs_and_grads(nn_lp, make_lp)
-    o64, g64 = outputs_and_grads(nn64, make64)
-    assert_low_precision(o, o_lp, o64, f"{kind} {dtype} outputs")
-    assert_low_precision(g, g_lp, g64, f"{kind} {dtype} grads")
 
 
 @interp_only
@@ -285,7 +254,7 @@ def _check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, layers=1):
 def test_module_low_precision_2x_rule(cell, dtype):
     """fp16/bf16: our error vs float64 at most 2x torch.nn's own error in the same dtype (torch.nn on the CPU)."""
     kind, kw = cell
-    _check_2x_rule(kind, kw, 4, 16, 5, 3, [5, 2, 4], dtype, "cpu")
+    check_2x_rule(kind, kw, 4, 16, 5, 3, [5, 2, 4], dtype, "cpu", "triton")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -388,7 +357,7 @@ def test_cuda_layer_fp32(mode, shape, D):
 def test_cuda_low_precision_2x_rule(cell, dtype, H):
     """fp16/bf16 on CUDA: our error vs float64 at most 2x torch.nn's (cuDNN) in the same dtype."""
     kind, kw = cell
-    _check_2x_rule(kind, kw, 32, H, 20, 8, [20, 20, 17, 9, 9, 5, 2, 1], dtype, "cuda", layers=2)
+    check_2x_rule(kind, kw, 32, H, 20, 8, [20, 20, 17, 9, 9, 5, 2, 1], dtype, "cuda", "triton", layers=2)
 
 
 @pytest.mark.requires_cuda

@@ -43,6 +43,19 @@ FwdArgs<T> fwd_args(const Dir<T>& dir, int64_t t, T* pre, int64_t ldxg, const T*
   return a;
 }
 
+// MKL's GEMM of bfloat16 / float16 operands with float32 products, sums and output (cblas_gemm_bf16bf16f32,
+// cblas_gemm_f16f16f32: row-major layout 101, no transpose 111, transpose 112), as torch's MKL exports it.
+// FUSEDRNN_CPU_HALF_GEMM=0 takes the float32 copies instead (tests run both).
+using half_gemm_fn = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int, float, float*,
+                              int);
+
+half_gemm_fn half_gemm(at::ScalarType t) {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_HALF_GEMM"); e && std::strcmp(e, "0") == 0) return nullptr;
+  static void* const bf16 = dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32");
+  static void* const f16 = dlsym(RTLD_DEFAULT, "cblas_gemm_f16f16f32");
+  return reinterpret_cast<half_gemm_fn>(t == at::kBFloat16 ? bf16 : t == at::kHalf ? f16 : nullptr);
+}
+
 // Loop positions [s0, s1). xg: the input projections (+ biases) of this direction, [rows, G*H]; h: [B, P] and
 // c: [B, H] states, in: hx / cx (first chunk) or the previous chunk's, out: hy / cy.
 template <typename T>
@@ -180,8 +193,22 @@ Tensor input_bias(const Layout& L, const std::vector<Tensor>& ws) {
   return at::cat(parts);
 }
 
-// out = x W_ih^T: the input projections of one direction for the rows of x (biases: FwdArgs::bias).
-void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) { at::mm_out(out, x, w_ih.t()); }
+// out = x W_ih^T: the input projections of one direction for the rows of x (biases: FwdArgs::bias). A half-precision
+// layer passes its bfloat16 / float16 x and W_ih as they are and a float32 out: the mixed GEMM computes what the
+// float32 GEMM of their float32 copies does (every product of two half-precision numbers is exact in float32), on
+// AMX where the CPU has it; without the mixed GEMM, the copies.
+void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
+  if (x.scalar_type() == out.scalar_type()) return (void)at::mm_out(out, x, w_ih.t());
+  const int64_t m = x.size(0), n = w_ih.size(0), k = x.size(1);
+  const half_gemm_fn fn = half_gemm(x.scalar_type());
+  if (fn && k > 0 && x.is_contiguous() && w_ih.is_contiguous() && out.stride(1) == 1 &&
+      std::max({m, n, k, out.stride(0)}) < (int64_t(1) << 31)) {
+    if (m > 0 && n > 0)
+      fn(101, 111, 112, m, n, k, 1.f, x.data_ptr(), k, w_ih.data_ptr(), k, 0.f, out.data_ptr<float>(), out.stride(0));
+    return;
+  }
+  at::mm_out(out, x.to(out.scalar_type()), w_ih.to(out.scalar_type()).t());
+}
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const Tensor& x_, const Tensor& hx_,
@@ -191,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const auto ws = contiguous_all(weights);
   const Tensor x = x_.contiguous(), hx = hx_.contiguous();
   const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
-  const auto opts = x.options();
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);  // x may be half precision (see above)
   const int64_t GH = L.G * L.H;
   Tensor reserve = train ? alloc({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
   const Tensor bias = L.bias ? input_bias(L, ws) : Tensor();
@@ -268,6 +295,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(const std::string& mode, 
                                                       const std::optional<Tensor>& cx, at::TensorList weights,
                                                       bool has_biases, int64_t num_directions, bool train) {
   const Layout L = check_inputs(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
+  check_dtype(x);
+  if (half_precision(x.scalar_type())) {
+    // x and W_ih stay as they are for the input projections' mixed GEMM (input_projection).
+    std::vector<Tensor> ws = to_float(weights);
+    for (int64_t d = 0; d < L.D; ++d) ws[d * L.group] = weights[d * L.group];
+    auto [y, hy, cy, reserve] = forward_typed<float>(L, x, to_float(hx), to_float(cx), ws, train);
+    const at::ScalarType t = x.scalar_type();
+    Tensor r = reserve.to(t);
+    reserve = Tensor();  // the float32 reserve goes before y's copy is made
+    return {y.to(t), hy.to(t), cy.to(t), r};
+  }
   if (x.scalar_type() == at::kDouble) return forward_typed<double>(L, x, hx, cx, weights, train);
   return forward_typed<float>(L, x, hx, cx, weights, train);
 }

@@ -359,6 +359,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   for (const Tensor* g : {&grad_y, &grad_hy, &grad_cy, &y, &reserve})
     TORCH_CHECK(g->scalar_type() == x.scalar_type() && g->device().is_cpu(),
                 "fusedrnn: backward tensors should be CPU tensors of x's dtype");
+  check_dtype(x);
+  if (half_precision(x.scalar_type())) {
+    auto [gx, ghx, gcx, gw] = backward_typed<float>(L, to_float(grad_y), to_float(grad_hy), to_float(grad_cy),
+                                                    to_float(x), to_float(hx), to_float(cx), to_float(weights),
+                                                    to_float(y), to_float(reserve));
+    const at::ScalarType t = x.scalar_type();
+    for (Tensor& g : gw) g = g.to(t);
+    return {gx.to(t), ghx.to(t), gcx.to(t), gw};
+  }
   if (x.scalar_type() == at::kDouble)
     return backward_typed<double>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
   return backward_typed<float>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);

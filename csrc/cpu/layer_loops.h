@@ -493,6 +493,34 @@ inline bool pack_weights(const Layout& L, bool forward) {
   return L.B > 2 && (L.mode == kLSTM ? 4 * L.P <= L.N : 8 * L.P <= L.N);
 }
 
+// ---- bfloat16 and float16 --------------------------------------------------------------------------------------
+
+// Half-precision layers run the float32 kernels: every product, gate and carried state in float32, the results
+// cast back to x's dtype once (reserve included, so the op's contract holds: every output has x's dtype). The
+// forward's input projections multiply x and W_ih as they are (layer.cpp, input_projection); the other weights and
+// the states, and everything the backward takes, are float32 copies. The casts cost a pass over y and the reserve
+// (and in the backward over x, y, the reserve and grad_y), small against the layer's products.
+inline bool half_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+inline void check_dtype(const Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || half_precision(t),
+              "fusedrnn: the cpu backend takes float32, float64, bfloat16 or float16, got ", t);
+}
+
+inline Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+
+inline std::vector<Tensor> to_float(at::TensorList ts) {
+  std::vector<Tensor> r;
+  r.reserve(ts.size());
+  for (const auto& t : ts) r.push_back(to_float(t));
+  return r;
+}
+
+inline std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
+  return t ? std::optional<Tensor>(to_float(*t)) : std::nullopt;
+}
+
 inline std::vector<Tensor> contiguous_all(at::TensorList ws) {
   std::vector<Tensor> r;
   r.reserve(ws.size());
