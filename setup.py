@@ -5,7 +5,8 @@
 
 The CPU kernels (csrc/cpu/kernels_impl.h) are compiled three times: with the compiler's baseline flags, with AVX2+FMA
 and with AVX-512 (the last two x86-64 only); the driver picks one at run time from at::get_cpu_capability(), as ATen
-does for its own kernels, so the wheel runs on any CPU of the architecture. Nothing is downloaded here.
+does for its own kernels, so the wheel runs on any CPU of the architecture. csrc/cpu/kernels_amx.cpp (bfloat16 on AMX
+tiles, x86-64 only) is compiled with AMX's flags and runs only where the CPU has AMX-BF16. Nothing is downloaded here.
 """
 import os
 import platform
@@ -24,6 +25,8 @@ ISA_SOURCES = {
     "avx2": (["csrc/cpu/kernels_avx2.cpp"], ["-mavx2", "-mfma", "-mf16c"]),
     "avx512": (["csrc/cpu/kernels_avx512.cpp"], ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                                                  "-mf16c"]),
+    "amx": (["csrc/cpu/kernels_amx.cpp"], ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                                           "-mamx-tile", "-mamx-bf16"]),
 }
 
 

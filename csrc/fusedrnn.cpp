@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
 #include "cpu/layer.h"
 
 namespace {
@@ -75,12 +76,19 @@ static PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(fusedrnn::cpu::active_capability().c_str());
 }
 
+static PyObject* amx_available(PyObject*, PyObject*) {
+  if (fusedrnn::cpu::AMX::available()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 static PyMethodDef kMethods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "set_cpu_capability(name): 'auto' (the best this CPU runs, the default), 'default' (baseline build), 'avx2' or "
      "'avx512'."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "Kernel build the CPU ops use now: 'DEFAULT', 'AVX2' or 'AVX512'."},
+    {"amx_available", amx_available, METH_NOARGS,
+     "Whether the bfloat16 layers can use the AMX kernel (the CPU has AMX-BF16, the OS granted the tile state)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

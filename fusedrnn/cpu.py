@@ -36,6 +36,11 @@ def set_capability(name: str) -> None:
     _C.set_cpu_capability(name)
 
 
+def amx_available() -> bool:
+    """Whether bfloat16 layers can run their recurrent product on AMX (CPU with AMX-BF16, tile state granted)."""
+    return bool(_C.amx_available())
+
+
 def capability() -> str:
     """The kernel build in use: 'DEFAULT', 'AVX2' or 'AVX512'."""
     return _C.cpu_capability()

@@ -134,4 +134,22 @@ const KernelTable<float>* kernels_float();
 const KernelTable<double>* kernels_double();
 }  // namespace AVX512
 
+// The bfloat16 recurrent product on AMX (kernels_amx.cpp). Elements are bfloat16 bit patterns (uint16_t).
+namespace AMX {
+// Whether the CPU has AMX-BF16 and this process may use the tile state (asked of the kernel once); false where the
+// AMX build is not compiled.
+bool available();
+// Tile configuration of the calling thread: before its first gemm(), and tile_release() when it is done.
+void tile_config();
+void tile_release();
+// Elements pack() writes for n columns and Kp (a multiple of 32) k.
+int64_t packed_elems(int64_t n, int64_t Kp);
+// w [n, K] (row stride ldw) packed for gemm(), zero past n columns and K k.
+void pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, int64_t Kp, uint16_t* dst);
+// out[j, c] (+)= sum_k a[j, k] w[c, k] for j < rows, c < n: a [rows, Kp] (row stride lda, rows read in blocks of
+// 16, so 16 - rows % 16 rows past the last must be readable), wp from pack(); float32 sums.
+void gemm(const uint16_t* a, int64_t lda, int64_t rows, const uint16_t* wp, int64_t n, int64_t Kp, float* out,
+          int64_t ldo, bool accumulate);
+}  // namespace AMX
+
 }  // namespace fusedrnn::cpu

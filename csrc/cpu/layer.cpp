@@ -124,9 +124,83 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
   return pk;
 }
 
+// The recurrent product of a bfloat16 layer on AMX, in the persistent loop (kernels_amx.cpp): W_hh as it is
+// (bfloat16, exact) times h_prev split into two bfloat16 parts, hi = round(h) and lo = round(h - hi) (h to 16 bits,
+// against the 8 of the bfloat16 h torch.nn's layer carries), in one product over K = 2P: a = [hi, lo],
+// w = [W_hh, W_hh]; float32 sums into the float32 pre-activations. Gates, states and outputs stay float32.
+// hb: two buffers of the split h state (step s reads hb[s % 2] and its slices write hb[(s + 1) % 2], so no thread
+// overwrites what another still reads), B + 16 rows of Kp each (gemm() reads rows in blocks of 16).
+// Used from kAmxBatch rows, where it measured faster than the float32 panels (2 threads, forward, time float32 /
+// AMX, alternating call by call: LSTM T100 B32 H256 1.18, B64 H256 1.25, B32 H512 1.27, B64 H512 1.41, T500 B32
+// H128 1.09, GRU T500 B32 H128 1.24; under it LSTM B16 H256 0.83-0.97, B8 0.88, B4 0.74, B1 0.44, GRU B16 0.87:
+// a tile takes 16 rows however few are alive, and the split h doubles the bytes of W the tiles stream; the
+// kernel also ran well under AMX's rated speed on this shared machine, see kernels_amx.cpp).
+// FUSEDRNN_CPU_AMX=0 turns it off, =1 on at any batch (tests run both).
+constexpr int64_t kAmxBatch = 32;
+
+struct AmxRec {
+  Tensor wp_t, hb_t;
+  const uint16_t* wp = nullptr;  // slice sl, gate g: wp + (sl * G + g) * gstride
+  int64_t gstride = 0, Kp = 0, P = 0;
+  uint16_t* hb[2] = {nullptr, nullptr};
+  const uint16_t* w(int64_t sl, int64_t g, int64_t G) const { return wp + (sl * G + g) * gstride; }
+  // Rows [j0, j0 + rows) of hb[which], columns [c0, c1) of h, from h rows (row stride ld).
+  void split(const float* h, int64_t ld, int64_t j0, int64_t rows, int64_t c0, int64_t c1, int which) const {
+    for (int64_t j = 0; j < rows; ++j) {
+      uint16_t* o = hb[which] + (j0 + j) * Kp;
+      const float* r = h + j * ld;
+      for (int64_t c = c0; c < c1; ++c) {
+        const c10::BFloat16 hi(r[c]);
+        const c10::BFloat16 lo(r[c] - static_cast<float>(hi));
+        o[c] = hi.x;
+        o[P + c] = lo.x;
+      }
+    }
+  }
+};
+
+bool use_amx(const Layout& L, bool small) {
+  // AMX's CPUs have AVX-512, which the kernel's epilogue uses: a lowered capability (ATEN_CPU_CAPABILITY,
+  // fusedrnn.cpu.set_capability) turns it off as well.
+  if (!small || L.T == 0 || current() != kCapAVX512 || !AMX::available()) return false;
+  if (const char* e = std::getenv("FUSEDRNN_CPU_AMX")) {
+    if (std::strcmp(e, "0") == 0) return false;
+    if (std::strcmp(e, "1") == 0) return true;
+  }
+  return L.B >= kAmxBatch;
+}
+
+// w_hh: the layer's bfloat16 W_hh of this direction [G*H, P]; S thread slices of hidden units as forward_small's.
+AmxRec make_amx(const Layout& L, const Tensor& w_hh, const float* hx, int64_t S) {
+  AmxRec a;
+  a.P = L.P;
+  a.Kp = (2 * L.P + 31) / 32 * 32;
+  a.gstride = AMX::packed_elems(slice_chunk(L.H, S), a.Kp);
+  const auto opts = w_hh.options();
+  a.wp_t = at::empty({S * L.G * a.gstride}, opts);
+  a.wp = reinterpret_cast<const uint16_t*>(a.wp_t.data_ptr());
+  const Tensor w2 = at::cat({w_hh, w_hh}, 1).contiguous();  // [G*H, 2P]
+  const auto* src = reinterpret_cast<const uint16_t*>(w2.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(a.wp_t.data_ptr());
+  at::parallel_for(0, S * L.G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t sl = i / L.G, g = i % L.G;
+      const auto [k0, k1] = slice_range(L.H, sl, S);
+      AMX::pack(src + (g * L.H + k0) * 2 * L.P, 2 * L.P, k1 - k0, 2 * L.P, a.Kp, dst + i * a.gstride);
+    }
+  });
+  a.hb_t = at::zeros({2, L.B + 16, a.Kp}, opts);
+  for (int w = 0; w < 2; ++w) {
+    a.hb[w] = reinterpret_cast<uint16_t*>(a.hb_t[w].data_ptr());
+    a.split(hx, L.P, 0, L.B, 0, L.P, w);  // the initial state; rows that start later keep it
+  }
+  return a;
+}
+
+// amx: the bfloat16 layer's AMX product (AmxRec), or nullptr.
 template <typename T>
 void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& pk, const RowBuf<T>& xg, int64_t s0,
-                   int64_t s1, T* h, T* c, const FwdScratch<T>& scratch) {
+                   int64_t s1, T* h, T* c, const FwdScratch<T>& scratch, const AmxRec* amx) {
   const Layout& L = *dir.L;
   const int64_t H = L.H, P = L.P, GH = dir.GH(), S = pk.S;
   // States and scratch of this loop's rows (all, or one thread's block).
@@ -137,9 +211,11 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
   T* rec_out = L.mode == kGRU ? hg : nullptr;  // GRU: h_prev W_hh^T apart; else accumulated into the XG rows
   SpinBarrier barrier(S);
   at::parallel_for(0, S, 1, [&](int64_t sl0, int64_t sl1) {
+    if (amx) AMX::tile_config();
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t t = dir.step(s), b = dir.rows(t);
       if (b == 0) continue;  // a block whose sequences have ended (or, reversed, not yet begun): every slice skips
+      const int cur = static_cast<int>(s % 2), next = 1 - cur;
       T* pre = xg.row(dir.row0(t));
       const RowSrc<T> hp = dir.h_prev(t);
       T* out = rec_out ? rec_out : pre;
@@ -147,6 +223,13 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
       for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [k0, k1] = slice_range(H, sl, S);
         for (int64_t g = 0; g < L.G; ++g) {
+          if constexpr (std::is_same_v<T, float>) {
+            if (amx) {
+              AMX::gemm(amx->hb[cur] + dir.j0 * amx->Kp, amx->Kp, b, amx->w(sl, g, L.G), k1 - k0, amx->Kp,
+                        out + g * H + k0, ldo, !rec_out);
+              continue;
+            }
+          }
           if (!pk.p) {
             K.matvec(dir.w_hh + (g * H + k0) * P, P, k1 - k0, P, hp, b, out + g * H + k0, ldo, !rec_out);
             continue;
@@ -158,6 +241,9 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
         }
         const FwdArgs<T> a = fwd_args(dir, t, pre, xg.ld, hg, hp, c, h, hf);
         K.fwd[L.mode](a, 0, b, k0, k1);
+        if constexpr (std::is_same_v<T, float>) {
+          if (amx && !L.proj) amx->split(dir.y_row(t), dir.ldy, dir.j0, b, k0, k1, next);
+        }
       }
       barrier.wait(sl1 - sl0);
       if (!L.proj) continue;
@@ -173,9 +259,13 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
         }
         for (int64_t j = 0; j < b; ++j)
           std::memcpy(h + j * P + p0, dir.y_row(t) + j * dir.ldy + p0, (p1 - p0) * sizeof(T));
+        if constexpr (std::is_same_v<T, float>) {
+          if (amx) amx->split(dir.y_row(t), dir.ldy, dir.j0, b, p0, p1, next);
+        }
       }
       barrier.wait(sl1 - sl0);
     }
+    if (amx) AMX::tile_release();
   });
 }
 
@@ -213,7 +303,8 @@ void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const Tensor& x_, const Tensor& hx_,
                                                         const std::optional<Tensor>& cx_, at::TensorList weights,
-                                                        bool train) {
+                                                        bool train, at::TensorList bf16_w_hh = {}) {
+  // bf16_w_hh: a bfloat16 layer's W_hh per direction, as they are (for the AMX product, AmxRec), or empty.
   const KernelTable<T>& K = table<T>();
   const auto ws = contiguous_all(weights);
   const Tensor x = x_.contiguous(), hx = hx_.contiguous();
@@ -247,13 +338,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     T* h = hy[d].data_ptr<T>();
     const FwdScratch<T> scratch(L);
     // Split batch: every block's thread multiplies by all of W_hh (one slice); else each thread its own slice.
-    const Packed<T> pk = small ? pack_forward(dir, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
-                                  : Packed<T>{};
+    const int64_t S = nblk > 1 ? 1 : small_slices(L);
+    const bool with_amx = small && !bf16_w_hh.empty() && use_amx(L, small);
+    AmxRec amx;
+    if constexpr (std::is_same_v<T, float>) {
+      if (with_amx) amx = make_amx(L, bf16_w_hh[d], dir.hx, S);
+    }
+    const AmxRec* am = with_amx ? &amx : nullptr;
+    Packed<T> pk;
+    if (small && !with_amx) pk = pack_forward(dir, K, S, max_block_rows(blocks));
+    pk.S = S;
     auto loop = [&](const RowBuf<T>& buf, int64_t s0, int64_t s1) {
       if (!small) return forward_large(dir, K, buf, s0, s1, h, c, scratch);
-      if (nblk == 1) return forward_small(dir, K, pk, buf, s0, s1, h, c, scratch);
+      if (nblk == 1) return forward_small(dir, K, pk, buf, s0, s1, h, c, scratch, am);
       in_threads(nblk, [&](int64_t i) {
-        forward_small(dir.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, buf, s0, s1, h, c, scratch);
+        forward_small(dir.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, buf, s0, s1, h, c, scratch, am);
       });
     };
     if (in_reserve) return loop(RowBuf<T>{reserve[d].data_ptr<T>(), L.R, 0}, 0, L.T);
@@ -298,9 +397,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(const std::string& mode, 
   check_dtype(x);
   if (half_precision(x.scalar_type())) {
     // x and W_ih stay as they are for the input projections' mixed GEMM (input_projection).
-    std::vector<Tensor> ws = to_float(weights);
-    for (int64_t d = 0; d < L.D; ++d) ws[d * L.group] = weights[d * L.group];
-    auto [y, hy, cy, reserve] = forward_typed<float>(L, x, to_float(hx), to_float(cx), ws, train);
+    std::vector<Tensor> ws = to_float(weights), bf16_w_hh;
+    for (int64_t d = 0; d < L.D; ++d) {
+      ws[d * L.group] = weights[d * L.group];
+      if (x.scalar_type() == at::kBFloat16) bf16_w_hh.push_back(weights[d * L.group + 1].contiguous());
+    }
+    auto [y, hy, cy, reserve] = forward_typed<float>(L, x, to_float(hx), to_float(cx), ws, train, bf16_w_hh);
     const at::ScalarType t = x.scalar_type();
     Tensor r = reserve.to(t);
     reserve = Tensor();  // the float32 reserve goes before y's copy is made
