@@ -37,8 +37,9 @@ def set_capability(name: str) -> None:
 
 
 def amx_available() -> bool:
-    """Whether bfloat16 layers can run their recurrent product on AMX (CPU with AMX-BF16, tile state granted)."""
-    return bool(_C.amx_available())
+    """Whether bfloat16 layers can run their recurrent product on AMX (CPU with AMX-BF16, tile state granted);
+    False when the extension is not built."""
+    return _C is not None and bool(_C.amx_available())
 
 
 def capability() -> str:

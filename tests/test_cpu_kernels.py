@@ -545,3 +545,20 @@ def test_amx_product_matches_float32(mode, B, H, proj, split, monkeypatch):
         assert rel_err(amx, r) <= rel_err(f32, r) + eps, i
         if i == 0:
             assert (amx != f32).float().mean().item() <= 0.02
+
+
+def test_half_precision_compiles_fullgraph():
+    """A bfloat16 LSTM on the cpu backend under torch.compile(fullgraph=True): the op's fake gives every output
+    x's dtype as the kernels do, so the compiled forward and backward match eager."""
+    import fusedrnn
+
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(6, 8, num_layers=2, bidirectional=True).bfloat16()
+    x = torch.randn(5, 3, 6).bfloat16()
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = m(xe)[0]
+    yc = torch.compile(m, fullgraph=True)(xc)[0]
+    assert yc.dtype == torch.bfloat16 and torch.equal(ye, yc)
+    ye.float().sum().backward()
+    yc.float().sum().backward()
+    assert xc.grad.dtype == torch.bfloat16 and torch.equal(xe.grad, xc.grad)
