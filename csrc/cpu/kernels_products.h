@@ -344,9 +344,12 @@ inline void panel_block(const T* Wp, int64_t K, const T* const* h, T* out, int64
 // One batch row: the weights stream through once, so the k loop is unrolled by four into 4 * NV accumulator chains
 // to keep both FMA ports busy despite their latency; the chains are summed at the end. No software prefetch here:
 // at one row a k the loads alone keep the L2 stream busy, and prefetching 8 rows ahead made it slower (one core,
-// 480 KiB of panels from L2, K 256, time without / with: 2 vectors 0.95, 3 vectors 0.92).
+// 480 KiB of panels from L2, K 256, time without / with: 2 vectors 0.95, 3 vectors 0.92). Not inlined: inlined
+// into panel_gemm_nv (beside every other row count's block) GCC kept its accumulators on the stack, a store and a
+// load around every FMA (one core, 512 rows x K 256 of two-vector panels from L2: 50 GB/s, against 78-88 GB/s
+// called as a function).
 template <typename T, int NV>
-inline void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, bool accumulate) {
+__attribute__((noinline)) void panel_row(const T* Wp, int64_t K, const T* h, T* out, int64_t n, bool accumulate) {
   constexpr int64_t V = Vec<T>::size(), W = NV * V;
   constexpr int U = 4;
   Vec<T> acc[U][NV];
