@@ -129,7 +129,9 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
 // against the 8 of the bfloat16 h torch.nn's layer carries), in one product over K = 2P: a = [hi, lo],
 // w = [W_hh, W_hh]; float32 sums into the float32 pre-activations. Gates, states and outputs stay float32.
 // hb: two buffers of the split h state (step s reads hb[s % 2] and its slices write hb[(s + 1) % 2], so no thread
-// overwrites what another still reads), B + 16 rows of Kp each (gemm() reads rows in blocks of 16).
+// overwrites what another still reads), B + 16 rows of Kp each (gemm() reads rows in blocks of 16; with a split
+// batch the rows past a block's own may be another block's, read while that thread writes them: each row of a
+// product depends on its own row of hb alone, and those rows' products are discarded).
 // Used from kAmxBatch rows, where it measured faster than the float32 panels (2 threads, forward, time float32 /
 // AMX, alternating call by call: LSTM T100 B32 H256 1.18, B64 H256 1.25, B32 H512 1.27, B64 H512 1.41, T500 B32
 // H128 1.09, GRU T500 B32 H128 1.24; under it LSTM B16 H256 0.83-0.97, B8 0.88, B4 0.74, B1 0.44, GRU B16 0.87:
