@@ -77,11 +77,21 @@ def forward(backend, args, train):
                                         a["has_biases"], a["num_directions"], train)
 
 
+def cast_tensor(t, dtype):
+    """t in dtype; None and the int64 batch sizes as they are."""
+    return t if t is None or t.dtype == torch.int64 else t.to(dtype)
+
+
+def cast_args(args, dtype):
+    """make_case's op arguments with every float tensor (weights included) in dtype."""
+    return {k: ([cast_tensor(w, dtype) for w in v] if k == "weights" else
+                cast_tensor(v, dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+
+
 def run(backend, args, grads, dtype=None):
     """Forward (train=True) and backward of one backend; inputs cast to dtype first if given."""
-    cast = (lambda t: t if t is None or t.dtype == torch.int64 else t.to(dtype)) if dtype else (lambda t: t)
-    a = {k: ([cast(w) for w in v] if k == "weights" else cast(v) if isinstance(v, torch.Tensor) else v)
-         for k, v in args.items()}
+    cast = (lambda t: cast_tensor(t, dtype)) if dtype else (lambda t: t)
+    a = cast_args(args, dtype) if dtype else args
     b = get_backend(backend)
     y, hy, cy, reserve = forward(backend, a, True)
     gy, ghy, gcy = (cast(t) for t in grads)
@@ -495,9 +505,8 @@ def test_half_precision_op_contract(mode, proj, I, train, dtype, half_gemm, monk
         monkeypatch.setenv("FUSEDRNN_CPU_HALF_GEMM", "0")
     args, grads = make_case(mode, 2, 4, [5, 4, 2, 1], I=I, H=8, proj=proj, dtype=dtype)
     assert resolve("auto", torch.device("cpu"), dtype, mode, bool(proj)) == "cpu"
-    f = lambda t: t if t is None or t.dtype == torch.int64 else t.float()  # noqa: E731
-    a = {k: ([f(w) for w in v] if k == "weights" else f(v) if isinstance(v, torch.Tensor) else v)
-         for k, v in args.items()}
+    f = lambda t: cast_tensor(t, torch.float32)  # noqa: E731
+    a = cast_args(args, torch.float32)
     if not train:
         for got, want in zip(forward("cpu", args, False), forward("cpu", a, False)):
             assert got.dtype == dtype and rel_err(got, want) <= torch.finfo(dtype).eps
@@ -534,9 +543,7 @@ def test_amx_product_matches_float32(mode, B, H, proj, split, monkeypatch):
     for v in ("0", "1"):
         monkeypatch.setenv("FUSEDRNN_CPU_AMX", v)
         outs[v] = forward("cpu", args, True)
-    a64 = {k: ([w.double() for w in v] if k == "weights" else v.double() if isinstance(v, torch.Tensor) and
-               v.dtype != torch.int64 else v) for k, v in args.items()}
-    ref = forward("reference", a64, True)
+    ref = forward("reference", cast_args(args, torch.float64), True)
     eps = torch.finfo(torch.bfloat16).eps
     for i, (f32, amx, r) in enumerate(zip(outs["0"], outs["1"], ref)):
         if r.numel() == 0 or i == 3:  # the reserve: its layouts differ between backends
