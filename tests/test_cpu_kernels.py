@@ -554,6 +554,31 @@ def test_amx_product_matches_float32(mode, B, H, proj, split, monkeypatch):
             assert (amx != f32).float().mean().item() <= 0.02
 
 
+@pytest.mark.skipif(not cpu.amx_available(), reason="the CPU has no AMX-BF16 (or the OS did not grant its state)")
+@pytest.mark.parametrize("B,I,H", [(300, 70, 300), (37, 64, 16), (5, 33, 20)])
+def test_amx_input_projection(B, I, H, monkeypatch):
+    """The bfloat16 input projection on AMX, seen through one step of a relu RNN from h = 0 without biases, where
+    y = relu(x W_ih^T) rounded once to bfloat16: every element within half a bfloat16 ulp of the float64 product
+    plus the float32 sum's rounding (so a wrong tile, pair or edge shows), in both directions. The shapes cut rows into 32-row blocks with a tail,
+    columns into 256-column tasks with an odd count of 16-column blocks and a partial last one, and K into 32-wide
+    tiles with a partial last one (read from a zeroed copy: an inf in the next row must not turn the padding into
+    a NaN, checked with a row of infs)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_AMX", "1")
+    args, _ = make_case("rnn_relu", 2, B, [1] * B, I=I, H=H, proj=0, dtype=torch.bfloat16, bias=False)
+    args["hx"] = torch.zeros_like(args["hx"])
+    args["x"][1] = float("inf")
+    y = forward("cpu", args, False)[0].double()
+    for d in range(2):
+        w = args["weights"][2 * d].double()
+        want = torch.relu(args["x"].double() @ w.t())
+        got = y[:, d * H:(d + 1) * H]
+        keep = torch.arange(B) != 1
+        ulp = torch.finfo(torch.bfloat16).eps * want[keep].abs().clamp_min(2.0 ** -126)
+        sums = I * torch.finfo(torch.float32).eps * (args["x"].double().abs() @ w.abs().t())[keep]
+        assert ((got[keep] - want[keep]).abs() <= ulp / 2 + sums).all(), d
+        assert not torch.isfinite(got[1]).all()
+
+
 def test_half_precision_compiles_fullgraph():
     """A bfloat16 LSTM on the cpu backend under torch.compile(fullgraph=True): the op's fake gives every output
     x's dtype as the kernels do, so the compiled forward and backward match eager."""

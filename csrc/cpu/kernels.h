@@ -146,10 +146,16 @@ void tile_release();
 int64_t packed_elems(int64_t n, int64_t Kp);
 // w [n, K] (row stride ldw) packed for gemm(), zero past n columns and K k.
 void pack(const uint16_t* w, int64_t ldw, int64_t n, int64_t K, int64_t Kp, uint16_t* dst);
-// out[j, c] (+)= sum_k a[j, k] w[c, k] for j < rows, c < n: a [rows, Kp] (row stride lda, rows read in blocks of
-// 16, so 16 - rows % 16 rows past the last must be readable), wp from pack(); float32 sums.
-void gemm(const uint16_t* a, int64_t lda, int64_t rows, const uint16_t* wp, int64_t n, int64_t Kp, float* out,
-          int64_t ldo, bool accumulate);
+// out[j, c] (+)= sum_k (a[j, k] + a[j, lo + k]) w[c, k] for j < rows, c < n: each row of a (row stride lda) holds
+// a high and a low part of Kp each, at 0 and at lo; rows are read in blocks of 16, so 16 - rows % 16 rows past the
+// last must be readable; wp from pack(); float32 sums.
+void gemm(const uint16_t* a, int64_t lda, int64_t lo, int64_t rows, const uint16_t* wp, int64_t n, int64_t Kp,
+          float* out, int64_t ldo, bool accumulate);
+// out[m, c] = sum_k x[m, k] w[c, k] for m < M, c < n (the input projection): x bfloat16 [M, K] (row stride ldx), wp
+// from pack() with Kp = K rounded up to 32; float32 out (row stride ldo). On the calling thread, which has called
+// tile_config().
+void mm(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, int64_t n, int64_t Kp, float* out,
+        int64_t ldo);
 }  // namespace AMX
 
 }  // namespace fusedrnn::cpu

@@ -126,72 +126,79 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
 
 // The recurrent product of a bfloat16 layer on AMX, in the persistent loop (kernels_amx.cpp): W_hh as it is
 // (bfloat16, exact) times h_prev split into two bfloat16 parts, hi = round(h) and lo = round(h - hi) (h to 16 bits,
-// against the 8 of the bfloat16 h torch.nn's layer carries), in one product over K = 2P: a = [hi, lo],
-// w = [W_hh, W_hh]; float32 sums into the float32 pre-activations. Gates, states and outputs stay float32.
+// against the 8 of the bfloat16 h torch.nn's layer carries); each B tile of W multiplies both parts, float32 sums
+// into the float32 pre-activations. Gates, states and outputs stay float32.
 // hb: two buffers of the split h state (step s reads hb[s % 2] and its slices write hb[(s + 1) % 2], so no thread
-// overwrites what another still reads), B + 16 rows of Kp each (gemm() reads rows in blocks of 16; with a split
-// batch the rows past a block's own may be another block's, read while that thread writes them: each row of a
-// product depends on its own row of hb alone, and those rows' products are discarded).
+// overwrites what another still reads), B + 16 rows of [hi (Kp), lo (Kp)] each (gemm() reads rows in blocks of 16;
+// with a split batch the rows past a block's own may be another block's, read while that thread writes them: each
+// row of a product depends on its own row of hb alone, and those rows' products are discarded).
 // Used from kAmxBatch rows, where it measured faster than the float32 panels (2 threads, forward, time float32 /
-// AMX, alternating call by call: LSTM T100 B32 H256 1.18, B64 H256 1.25, B32 H512 1.27, B64 H512 1.41, T500 B32
-// H128 1.09, GRU T500 B32 H128 1.24; under it LSTM B16 H256 0.83-0.97, B8 0.88, B4 0.74, B1 0.44, GRU B16 0.87:
-// a tile takes 16 rows however few are alive, and the split h doubles the bytes of W the tiles stream; the
-// kernel also ran well under AMX's rated speed on this shared machine, see kernels_amx.cpp).
+// AMX, alternating call by call, with the earlier kernel that streamed a duplicated [W, W]: LSTM T100 B32 H256
+// 1.18, B64 H256 1.25, B32 H512 1.27, B64 H512 1.41, T500 B32 H128 1.09, GRU T500 B32 H128 1.24; under it LSTM B16
+// H256 0.83-0.97, B8 0.88, B4 0.74, B1 0.44, GRU B16 0.87: a tile takes 16 rows however few are alive).
 // FUSEDRNN_CPU_AMX=0 turns it off, =1 on at any batch (tests run both).
 constexpr int64_t kAmxBatch = 32;
 
 struct AmxRec {
   Tensor wp_t, hb_t;
   const uint16_t* wp = nullptr;  // slice sl, gate g: wp + (sl * G + g) * gstride
-  int64_t gstride = 0, Kp = 0, P = 0;
+  int64_t gstride = 0, Kp = 0, P = 0;  // Kp: P rounded up to a tile's 32 k; an hb row is 2 * Kp
   uint16_t* hb[2] = {nullptr, nullptr};
   const uint16_t* w(int64_t sl, int64_t g, int64_t G) const { return wp + (sl * G + g) * gstride; }
   // Rows [j0, j0 + rows) of hb[which], columns [c0, c1) of h, from h rows (row stride ld).
   void split(const float* h, int64_t ld, int64_t j0, int64_t rows, int64_t c0, int64_t c1, int which) const {
     for (int64_t j = 0; j < rows; ++j) {
-      uint16_t* o = hb[which] + (j0 + j) * Kp;
+      uint16_t* o = hb[which] + (j0 + j) * 2 * Kp;
       const float* r = h + j * ld;
       for (int64_t c = c0; c < c1; ++c) {
         const c10::BFloat16 hi(r[c]);
         const c10::BFloat16 lo(r[c] - static_cast<float>(hi));
         o[c] = hi.x;
-        o[P + c] = lo.x;
+        o[Kp + c] = lo.x;
       }
     }
   }
 };
 
-bool use_amx(const Layout& L, bool small) {
-  // AMX's CPUs have AVX-512, which the kernel's epilogue uses: a lowered capability (ATEN_CPU_CAPABILITY,
-  // fusedrnn.cpu.set_capability) turns it off as well.
-  if (!small || L.T == 0 || current() != kCapAVX512 || !AMX::available()) return false;
+// Whether the AMX kernels may run: the CPU has AMX-BF16 and the tile state, and the capability is AVX-512 (AMX's
+// CPUs have it, and the kernels' epilogues use it: a lowered capability, ATEN_CPU_CAPABILITY or
+// fusedrnn.cpu.set_capability, turns AMX off as well). FUSEDRNN_CPU_AMX=0 turns it off, =1 on at any size (tests run
+// both); unset, each product has its own rule (use_amx, kAmxRows).
+int amx_setting() {
+  if (current() != kCapAVX512 || !AMX::available()) return 0;
   if (const char* e = std::getenv("FUSEDRNN_CPU_AMX")) {
-    if (std::strcmp(e, "0") == 0) return false;
-    if (std::strcmp(e, "1") == 0) return true;
+    if (std::strcmp(e, "0") == 0) return 0;
+    if (std::strcmp(e, "1") == 0) return 2;
   }
-  return L.B >= kAmxBatch;
+  return 1;
+}
+
+bool use_amx(const Layout& L, bool small) {
+  if (!small || L.T == 0) return false;
+  const int s = amx_setting();
+  return s == 2 || (s == 1 && L.B >= kAmxBatch);
 }
 
 // w_hh: the layer's bfloat16 W_hh of this direction [G*H, P]; S thread slices of hidden units as forward_small's.
 AmxRec make_amx(const Layout& L, const Tensor& w_hh, const float* hx, int64_t S) {
   AmxRec a;
   a.P = L.P;
-  a.Kp = (2 * L.P + 31) / 32 * 32;
+  a.Kp = (L.P + 31) / 32 * 32;
   a.gstride = AMX::packed_elems(slice_chunk(L.H, S), a.Kp);
   const auto opts = w_hh.options();
   a.wp_t = at::empty({S * L.G * a.gstride}, opts);
   a.wp = reinterpret_cast<const uint16_t*>(a.wp_t.data_ptr());
-  const Tensor w2 = at::cat({w_hh, w_hh}, 1).contiguous();  // [G*H, 2P]
-  const auto* src = reinterpret_cast<const uint16_t*>(w2.data_ptr());
+  const Tensor w = w_hh.contiguous();  // [G*H, P]
+  const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
   auto* dst = reinterpret_cast<uint16_t*>(a.wp_t.data_ptr());
   at::parallel_for(0, S * L.G, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t sl = i / L.G, g = i % L.G;
       const auto [k0, k1] = slice_range(L.H, sl, S);
-      AMX::pack(src + (g * L.H + k0) * 2 * L.P, 2 * L.P, k1 - k0, 2 * L.P, a.Kp, dst + i * a.gstride);
+      AMX::pack(src + (g * L.H + k0) * L.P, L.P, k1 - k0, L.P, a.Kp, dst + i * a.gstride);
     }
   });
-  a.hb_t = at::zeros({2, L.B + 16, a.Kp}, opts);
+  a.hb_t = at::zeros({2, L.B + 16, 2 * a.Kp}, opts);
   for (int w = 0; w < 2; ++w) {
     a.hb[w] = reinterpret_cast<uint16_t*>(a.hb_t[w].data_ptr());
     a.split(hx, L.P, 0, L.B, 0, L.P, w);  // the initial state; rows that start later keep it
@@ -227,8 +234,8 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
         for (int64_t g = 0; g < L.G; ++g) {
           if constexpr (std::is_same_v<T, float>) {
             if (amx) {
-              AMX::gemm(amx->hb[cur] + dir.j0 * amx->Kp, amx->Kp, b, amx->w(sl, g, L.G), k1 - k0, amx->Kp,
-                        out + g * H + k0, ldo, !rec_out);
+              AMX::gemm(amx->hb[cur] + dir.j0 * 2 * amx->Kp, 2 * amx->Kp, amx->Kp, b, amx->w(sl, g, L.G), k1 - k0,
+                        amx->Kp, out + g * H + k0, ldo, !rec_out);
               continue;
             }
           }
@@ -285,16 +292,54 @@ Tensor input_bias(const Layout& L, const std::vector<Tensor>& ws) {
   return at::cat(parts);
 }
 
+// The bfloat16 input projection on AMX (AMX::mm, kernels_amx.cpp): W_ih packed into tiles, then tasks of 256
+// columns by 256 rows, a column block's tasks consecutive so a thread keeps its part of the packed W in L2. Sums
+// in float32 like the mixed GEMM's (the order differs). Used from kAmxRows rows. MKL's cblas_gemm_bf16bf16f32 ran
+// at 200-250 GFLOP/s on one thread here (340-1270 on two), AMX::mm at 290-660 on one (oneDNN's bfloat16 matmul,
+// whose output is bfloat16, at about 1400). Modules, bfloat16 forward, torch.nn time / ours with MKL's -> with
+// this (three processes each, alternating): LSTM T100 B64 H512 0.65-0.70 -> 0.79-0.81, B32 H256 0.72-0.73 ->
+// 0.85-0.92, B16 H256 0.49-0.61 -> 0.59-0.64, T500 B32 H128 0.83-0.85 -> 0.94-0.99, GRU B64 H256 1.63-2.25 ->
+// 2.10-2.44; forward+backward LSTM B16 0.62-0.67 -> 0.69-0.73.
+constexpr int64_t kAmxRows = 128;
+
+void amx_projection(const Tensor& out, const Tensor& x, const Tensor& w_ih) {
+  const int64_t m = x.size(0), n = w_ih.size(0), k = x.size(1), Kp = (k + 31) / 32 * 32, ldo = out.stride(0);
+  const int64_t nb = (n + 15) / 16;
+  Tensor wp_t = at::empty({AMX::packed_elems(n, Kp)}, w_ih.options());
+  auto* wp = reinterpret_cast<uint16_t*>(wp_t.data_ptr());
+  const auto* w = reinterpret_cast<const uint16_t*>(w_ih.data_ptr());
+  at::parallel_for(0, nb, 16, [&](int64_t b0, int64_t b1) {
+    AMX::pack(w + b0 * 16 * k, k, std::min(n, b1 * 16) - b0 * 16, k, Kp, wp + b0 * 16 * Kp);
+  });
+  const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  float* o = out.data_ptr<float>();
+  constexpr int64_t kCols = 256, kRows = 256;
+  const int64_t nc = (n + kCols - 1) / kCols, nm = (m + kRows - 1) / kRows;
+  at::parallel_for(0, nc * nm, 1, [&](int64_t i0, int64_t i1) {
+    AMX::tile_config();
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c0 = i / nm * kCols, m0 = i % nm * kRows;
+      AMX::mm(xs + m0 * k, k, std::min(kRows, m - m0), k, wp + c0 * Kp, std::min(kCols, n - c0), Kp,
+              o + m0 * ldo + c0, ldo);
+    }
+    AMX::tile_release();
+  });
+}
+
 // out = x W_ih^T: the input projections of one direction for the rows of x (biases: FwdArgs::bias). A half-precision
 // layer passes its bfloat16 / float16 x and W_ih as they are and a float32 out: the mixed GEMM computes what the
 // float32 GEMM of their float32 copies does (every product of two half-precision numbers is exact in float32), on
-// AMX where the CPU has it; without the mixed GEMM, the copies.
+// AMX where the CPU has it (bfloat16: amx_projection; else MKL's); without the mixed GEMM, the copies.
 void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
   if (x.scalar_type() == out.scalar_type()) return (void)at::mm_out(out, x, w_ih.t());
   const int64_t m = x.size(0), n = w_ih.size(0), k = x.size(1);
+  const bool dense = k > 0 && x.is_contiguous() && w_ih.is_contiguous() && out.stride(1) == 1;
+  if (dense && x.scalar_type() == at::kBFloat16 && m > 0 && n > 0) {
+    const int s = amx_setting();
+    if (s == 2 || (s == 1 && m >= kAmxRows)) return amx_projection(out, x, w_ih);
+  }
   const half_gemm_fn fn = half_gemm(x.scalar_type());
-  if (fn && k > 0 && x.is_contiguous() && w_ih.is_contiguous() && out.stride(1) == 1 &&
-      std::max({m, n, k, out.stride(0)}) < (int64_t(1) << 31)) {
+  if (fn && dense && std::max({m, n, k, out.stride(0)}) < (int64_t(1) << 31)) {
     if (m > 0 && n > 0)
       fn(101, 111, 112, m, n, k, 1.f, x.data_ptr(), k, w_ih.data_ptr(), k, 0.f, out.data_ptr<float>(), out.stride(0));
     return;
