@@ -488,6 +488,30 @@ def test_half_precision_2x_rule(cell, dtype, H, loop, monkeypatch):
     check_2x_rule(kind, kw, 8, H, 12, 6, [12, 12, 9, 5, 2, 1], dtype, "cpu", "cpu", layers=2)
 
 
+@pytest.mark.parametrize("loop", ["persistent", "gemm"])
+@pytest.mark.parametrize("mode,proj,lengths", [("lstm", 0, None), ("lstm", 3, [7, 7, 5, 2, 1]), ("gru", 0, [6, 4, 4, 1, 1]),
+                                               ("rnn_relu", 0, None)])
+def test_half_precision_backward_windows(mode, proj, lengths, loop, monkeypatch):
+    """The half-precision backward converts, chunk by chunk, only the rows of y, the reserve, x and grad_y that the
+    chunk reads (its own and the neighbouring steps', for h_prev and c_prev) into float32: with chunks of a few
+    rows, both directions, equal and varying lengths and a projection, every gradient is bitwise the float32
+    backward's on whole float32 copies of the same inputs."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "4")
+    B = 5
+    args, grads = make_case(mode, 2, B, lengths, I=7, H=12, proj=proj, dtype=torch.bfloat16)
+    y, _, _, reserve = forward("cpu", args, True)
+    b = get_backend("cpu")
+    f = lambda t: cast_tensor(t, torch.float32)  # noqa: E731
+    a, a32 = args, cast_args(args, torch.float32)
+    got = b.backward(mode, *grads, a["x"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], True, 2, y, reserve)
+    want = b.backward(mode, *(f(g) for g in grads), a32["x"], a32["batch_sizes"], a32["hx"], a32["cx"],
+                      a32["weights"], True, 2, f(y), f(reserve))
+    flat = lambda o: [o[0], o[1], o[2], *o[3]]  # noqa: E731
+    for i, (g, w) in enumerate(zip(flat(got), flat(want))):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w.to(torch.bfloat16)), i
+
+
 @pytest.mark.parametrize("half_gemm", ["-", "0"], ids=["mixed-gemm", "float32-copies"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mode,proj,I,train", [("lstm", 0, 6, True), ("lstm", 3, 6, True), ("gru", 0, 6, True),

@@ -233,11 +233,16 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const Tensor& reserve_) {
   const KernelTable<T>& K = table<T>();
   const auto ws = contiguous_all(weights);
+  // half: a bfloat16 / float16 layer (T float; hx, cx, the weights and the gradients of hy and cy already float32):
+  // x, y, the reserve and grad_y stay as they are, and each chunk converts the rows it reads (its own, and the
+  // steps next to it for h_prev and c_prev) into float32 windows, so the backward never holds float32 copies of
+  // the whole (the values, and so the results, are those of whole copies).
+  const bool half = half_precision(x_.scalar_type());
   const Tensor x = x_.contiguous(), hx = hx_.contiguous(), y = y_.contiguous();
   const Tensor& gy = grad_y_;
   Tensor reserve = reserve_.contiguous();
   const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
-  const auto opts = x.options();
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
   const int64_t GH = L.G * L.H;
   TORCH_CHECK(reserve.numel() == L.D * L.N * L.R && (L.R == 0 || reserve.dim() == 3),
               "fusedrnn: reserve has the wrong size; was the forward run with train=True?");
@@ -245,8 +250,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   // grad_y as it comes while its columns are contiguous, whatever its row stride; an expanded tensor (the gradient
   // of y.sum() has strides (0, 0)) as one contiguous row read with row stride 0; else a contiguous copy of each
   // chunk's rows, never a copy of the whole.
-  const bool gy_whole = gy.size(1) <= 1 || gy.stride(1) == 1;
-  const Tensor gy_row = !gy_whole && L.N > 0 && gy.stride(0) == 0 ? gy.narrow(0, 0, 1).contiguous() : Tensor();
+  const bool gy_whole = !half && (gy.size(1) <= 1 || gy.stride(1) == 1);
+  const Tensor gy_row =
+      !gy_whole && L.N > 0 && gy.stride(0) == 0 ? gy.narrow(0, 0, 1).to(opts.dtype()).contiguous() : Tensor();
 
   Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
   Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
@@ -262,19 +268,21 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   const int64_t nblk = static_cast<int64_t>(blocks.size()) - 1;
   // Directions on their own threads cannot both accumulate into grad_x: the reverse one writes its own copy.
   Tensor grad_x_rev = parallel_dirs && L.T ? alloc({L.N, L.I}, opts) : Tensor();
-  Tensor y_mut = y;  // Dir holds non-const pointers; backward never writes y or the reserve
+  // Dir holds non-const pointers; backward never writes y or the reserve. half: set per chunk (the windows).
+  Tensor y_mut = half ? at::empty({0}, opts) : y;
+  Tensor res_dir = half ? at::empty({0}, opts) : reserve;
   const bool uniform = L.B > 0 && L.T > 0 && L.bs[L.T - 1] == L.B;  // every step has the whole batch
   auto run_direction = [&](int64_t d) {
-    const Dir<T> dir = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, reserve);
-    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse, chunk_rows());
+    const Dir<T> dir_all = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, res_dir);
+    const std::vector<Chunk> chunks = time_chunks(L, dir_all.reverse, chunk_rows());
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;
     Tensor dg = alloc({max_rows, ldg}, opts);
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
-    Tensor hprev = uniform ? Tensor() : alloc({max_rows, L.P}, opts);
+    Tensor hprev = uniform && !half ? Tensor() : alloc({max_rows, L.P}, opts);
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
-    const Packed<T> pk = small && L.T ? pack_backward(dir, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
+    const Packed<T> pk = small && L.T ? pack_backward(dir_all, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
                                   : Packed<T>{};
     Tensor& g_ih = gw[d * L.group + 0];
     Tensor& g_hh = gw[d * L.group + 1];
@@ -282,6 +290,20 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       const Chunk& ch = chunks[chunks.size() - 1 - i];
       const int64_t rows = ch.r1 - ch.r0;
       const bool first = i == 0;
+      Dir<T> dir = dir_all;
+      Tensor y_win, res_win;  // half: float32 rows [lo, lo + n) of y and of this direction's reserve
+      int64_t lo = 0;
+      if (half) {
+        lo = std::max<int64_t>(0, ch.r0 - L.B);
+        const int64_t n = std::min(L.N, ch.r1 + L.B) - lo;
+        y_win = y.narrow(0, lo, n).to(opts.dtype());
+        dir.y = y_win.data_ptr<T>();
+        if (L.R) {
+          res_win = reserve[d].narrow(0, lo, n).to(opts.dtype());
+          dir.res = res_win.data_ptr<T>();
+        }
+        dir.base = lo;
+      }
       BwdBufs<T> bb{dg.data_ptr<T>(), L.mode == kGRU ? dg.data_ptr<T>() + GH : nullptr, ldg,
                     dht.defined() ? dht.data_ptr<T>() : nullptr, ch.r0,
                     dhf.defined() ? dhf.data_ptr<T>() : nullptr, grad_hx[d].data_ptr<T>(),
@@ -292,7 +314,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       } else if (gy_row.defined()) {
         bb.gy = {gy_row.data_ptr<T>(), 0, 0};
       } else {
-        gy_chunk = gy.narrow(0, ch.r0, rows).contiguous();
+        gy_chunk = gy.narrow(0, ch.r0, rows).to(opts.dtype()).contiguous();
         bb.gy = {gy_chunk.data_ptr<T>(), L.D * L.P, ch.r0};
       }
       if (!small) {
@@ -307,12 +329,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
       const Tensor buf = dg.narrow(0, 0, rows);
       const Tensor dg_c = buf.narrow(1, 0, GH);
-      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows), first);
-      if (!uniform) gather_h_prev(dir, ch, hprev.data_ptr<T>());
+      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows).to(opts.dtype()), first);
+      if (!uniform || half) gather_h_prev(dir, ch, hprev.data_ptr<T>());
       for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
         Tensor g_part = g_hh.narrow(0, part.wrow, part.R);
         const Tensor d_part = buf.narrow(1, part.col, part.R);
-        if (uniform) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first);
+        if (uniform && !half) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first);
         else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first);
       }
       Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
@@ -329,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         }
       }
       if (L.proj) {
-        const Tensor r = reserve[d].narrow(0, ch.r0, rows);
+        const Tensor r = half ? res_win.narrow(0, ch.r0 - lo, rows) : reserve[d].narrow(0, ch.r0, rows);
         const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
         mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first);
       }
@@ -361,9 +383,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
                 "fusedrnn: backward tensors should be CPU tensors of x's dtype");
   check_dtype(x);
   if (half_precision(x.scalar_type())) {
-    auto [gx, ghx, gcx, gw] = backward_typed<float>(L, to_float(grad_y), to_float(grad_hy), to_float(grad_cy),
-                                                    to_float(x), to_float(hx), to_float(cx), to_float(weights),
-                                                    to_float(y), to_float(reserve));
+    auto [gx, ghx, gcx, gw] = backward_typed<float>(L, grad_y, to_float(grad_hy), to_float(grad_cy), x,
+                                                    to_float(hx), to_float(cx), to_float(weights), y, reserve);
     const at::ScalarType t = x.scalar_type();
     for (Tensor& g : gw) g = g.to(t);
     return {gx.to(t), ghx.to(t), gcx.to(t), gw};

@@ -171,6 +171,9 @@ struct Dir {
   T* y;            // [N, D*P]
   int64_t ldy;
   T* res;          // [N, R] of this direction, or nullptr
+  // The packed row that y and res point at: 0, or the first row of the window of them a half-precision backward
+  // converts for one chunk (backward_typed).
+  int64_t base = 0;
   // The batch rows this loop runs: j0 .. j0 + nrows - 1 (all of them, or one thread's block when the batch is
   // split across threads; see batch_blocks()). Row j of a step is packed row offs[t] + j (sorted sequences).
   int64_t j0 = 0, nrows = 0;
@@ -196,7 +199,7 @@ struct Dir {
   RowSrc<T> h_prev(int64_t t) const {
     const int64_t p = prev_step(t);
     RowSrc<T> r{nullptr, 0, 0, hx + j0 * L->P, L->P};
-    if (p >= 0) r = {y + row0(p) * ldy + d * L->P, ldy, rows(p), hx + j0 * L->P, L->P};
+    if (p >= 0) r = {y + (row0(p) - base) * ldy + d * L->P, ldy, rows(p), hx + j0 * L->P, L->P};
     return r;
   }
   // c_prev of step t (LSTM backward): c_t of the previous step from the reserve, or cx.
@@ -204,11 +207,11 @@ struct Dir {
     const int64_t p = prev_step(t);
     const T* c0 = cx ? cx + j0 * L->H : nullptr;
     RowSrc<T> r{nullptr, 0, 0, c0, L->H};
-    if (p >= 0) r = {res + row0(p) * L->R + 4 * L->H, L->R, rows(p), c0, L->H};
+    if (p >= 0) r = {res + (row0(p) - base) * L->R + 4 * L->H, L->R, rows(p), c0, L->H};
     return r;
   }
-  T* y_row(int64_t t) const { return y + row0(t) * ldy + d * L->P; }
-  T* res_row(int64_t t) const { return res ? res + row0(t) * L->R : nullptr; }
+  T* y_row(int64_t t) const { return y + (row0(t) - base) * ldy + d * L->P; }
+  T* res_row(int64_t t) const { return res ? res + (row0(t) - base) * L->R : nullptr; }
 };
 
 template <typename T>
@@ -498,8 +501,9 @@ inline bool pack_weights(const Layout& L, bool forward) {
 // Half-precision layers run the float32 kernels: every product, gate and carried state in float32, the results
 // cast back to x's dtype once (reserve included, so the op's contract holds: every output has x's dtype). The
 // forward's input projections multiply x and W_ih as they are (layer.cpp, input_projection); the other weights and
-// the states, and everything the backward takes, are float32 copies. The casts cost a pass over y and the reserve
-// (and in the backward over x, y, the reserve and grad_y), small against the layer's products.
+// the states are float32 copies. The backward converts x, y, the reserve and grad_y chunk by chunk into float32
+// windows (backward_typed), the rest whole. The casts cost a pass over y and the reserve (and in the backward over
+// x, y, the reserve and grad_y), small against the layer's products.
 inline bool half_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 inline void check_dtype(const Tensor& x) {
