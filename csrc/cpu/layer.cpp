@@ -132,16 +132,18 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
 // overwrites what another still reads), B + 16 rows of [hi (Kp), lo (Kp)] each (gemm() reads rows in blocks of 16;
 // with a split batch the rows past a block's own may be another block's, read while that thread writes them: each
 // row of a product depends on its own row of hb alone, and those rows' products are discarded).
-// Used from kAmxBatch rows, and from kAmxBatchLarge where W_hh is large (H P >= 512 * 512: its float32 panels no
-// longer fit the threads' L2), where it measured faster than the float32 panels. 2 threads, forward, torch.nn's time
-// / ours, three processes each, panels -> AMX: LSTM T100 B16 H512 0.44-0.56 -> 0.72-0.89, B16 H256 0.50-0.57 ->
-// 0.49-0.61, B16 H128 0.76-0.94 -> 0.83-1.03, B8 H512 0.65-0.80 -> 0.82-0.97, B8 H256 0.56-0.61 -> 0.57-0.69, B4
-// H512 0.93-1.00 -> 0.92-1.03; GRU B16 H256 1.53-2.13 -> 1.83-2.24, B8 H512 1.26-1.60 -> 1.27-1.55; forward+backward
-// LSTM B16 H512 0.81-0.93 -> 0.88-0.97. Earlier, with the kernel that streamed a duplicated [W, W], from batch 32:
-// LSTM B32 H256 1.18, B64 H256 1.25, B32 H512 1.27, B64 H512 1.41, T500 B32 H128 1.09 (time panels / AMX); batch 1
+// Used by LSTM and GRU from kAmxBatch rows, and from kAmxBatchLarge where W_hh is large (H P >= 512 * 512: its float32
+// panels no longer fit the threads' L2), where it measured faster than the float32 panels. 2 threads, forward,
+// torch.nn's time / ours, three processes each, panels -> AMX: LSTM T100 B16 H512 0.44-0.56 -> 0.72-0.89, B16 H256
+// 0.50-0.57 -> 0.49-0.61, B16 H128 0.76-0.94 -> 0.83-1.03, B8 H512 0.65-0.80 -> 0.82-0.97, B8 H256 0.56-0.61 ->
+// 0.57-0.69, B4 H512 0.93-1.00 -> 0.92-1.03; GRU B16 H256 1.53-2.13 -> 1.83-2.24, B8 H512 1.26-1.60 -> 1.27-1.55;
+// forward+backward LSTM B16 H512 0.81-0.93 -> 0.88-0.97. A plain RNN (one gate: a small product and a short gate pass a
+// step) from kAmxBatchRNN: B64 H256 1.64-1.70 -> 1.82-1.87, B32 H256 1.82-2.26 -> 2.10-2.46, but B16 H512 1.28-1.55 ->
+// 1.23-1.42, B16 H128 4.17-5.34 -> 3.84-4.15. Earlier, with the kernel that streamed a duplicated [W, W], from batch
+// 32: LSTM B32 H256 1.18, B64 H256 1.25, B32 H512 1.27, B64 H512 1.41, T500 B32 H128 1.09 (time panels / AMX); batch 1
 // stays on the panels (0.44 then; a tile takes 16 rows however few are alive).
 // FUSEDRNN_CPU_AMX=0 turns it off, =1 on at any batch (tests run both).
-constexpr int64_t kAmxBatch = 16, kAmxBatchLarge = 8;
+constexpr int64_t kAmxBatch = 16, kAmxBatchLarge = 8, kAmxBatchRNN = 32;
 
 struct AmxRec {
   Tensor wp_t, hb_t;
@@ -180,7 +182,8 @@ int amx_setting() {
 bool use_amx(const Layout& L, bool small) {
   if (!small || L.T == 0) return false;
   const int s = amx_setting();
-  return s == 2 || (s == 1 && (L.B >= kAmxBatch || (L.B >= kAmxBatchLarge && L.H * L.P >= 512 * 512)));
+  const int64_t from = L.G == 1 ? kAmxBatchRNN : L.H * L.P >= 512 * 512 ? kAmxBatchLarge : kAmxBatch;
+  return s == 2 || (s == 1 && L.B >= from);
 }
 
 // w_hh: the layer's bfloat16 W_hh of this direction [G*H, P]; S thread slices of hidden units as forward_small's.
