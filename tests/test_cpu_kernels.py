@@ -489,8 +489,8 @@ def test_half_precision_2x_rule(cell, dtype, H, loop, monkeypatch):
 
 
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])
-@pytest.mark.parametrize("mode,proj,lengths", [("lstm", 0, None), ("lstm", 3, [7, 7, 5, 2, 1]), ("gru", 0, [6, 4, 4, 1, 1]),
-                                               ("rnn_relu", 0, None)])
+@pytest.mark.parametrize("mode,proj,lengths", [("lstm", 0, None), ("lstm", 3, [7, 7, 5, 2, 1]),
+                                               ("gru", 0, [6, 4, 4, 1, 1]), ("rnn_relu", 0, None)])
 def test_half_precision_backward_windows(mode, proj, lengths, loop, monkeypatch):
     """The half-precision backward converts, chunk by chunk, only the rows of y, the reserve, x and grad_y that the
     chunk reads (its own and the neighbouring steps', for h_prev and c_prev) into float32: with chunks of a few
@@ -583,10 +583,10 @@ def test_amx_product_matches_float32(mode, B, H, proj, split, monkeypatch):
 def test_amx_input_projection(B, I, H, monkeypatch):
     """The bfloat16 input projection on AMX, seen through one step of a relu RNN from h = 0 without biases, where
     y = relu(x W_ih^T) rounded once to bfloat16: every element within half a bfloat16 ulp of the float64 product
-    plus the float32 sum's rounding (so a wrong tile, pair or edge shows), in both directions. The shapes cut rows into 32-row blocks with a tail,
-    columns into 256-column tasks with an odd count of 16-column blocks and a partial last one, and K into 32-wide
-    tiles with a partial last one (read from a zeroed copy: an inf in the next row must not turn the padding into
-    a NaN, checked with a row of infs)."""
+    plus the float32 sum's rounding (so a wrong tile, pair or edge shows), in both directions. The shapes cut rows
+    into 32-row blocks with a tail, columns into 256-column tasks with an odd count of 16-column blocks and a partial
+    last one, and K into 32-wide tiles with a partial last one (read from a zeroed copy: an inf in the next row must
+    not turn the padding into a NaN, checked with a row of infs)."""
     monkeypatch.setenv("FUSEDRNN_CPU_AMX", "1")
     args, _ = make_case("rnn_relu", 2, B, [1] * B, I=I, H=H, proj=0, dtype=torch.bfloat16, bias=False)
     args["hx"] = torch.zeros_like(args["hx"])

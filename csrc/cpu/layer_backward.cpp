@@ -282,8 +282,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
     Tensor hprev = uniform && !half ? Tensor() : alloc({max_rows, L.P}, opts);
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
-    const Packed<T> pk = small && L.T ? pack_backward(dir_all, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
-                                  : Packed<T>{};
+    const Packed<T> pk = small && L.T
+                             ? pack_backward(dir_all, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
+                             : Packed<T>{};
     Tensor& g_ih = gw[d * L.group + 0];
     Tensor& g_hh = gw[d * L.group + 1];
     for (size_t i = 0; i < chunks.size(); ++i) {  // the last chunk of the loop first
