@@ -201,7 +201,7 @@ class _FusedRNNBase(nn.RNNBase):
             if not is_batched:
                 input = input.unsqueeze(batch_dim)
             if hx is not None:
-                hs = tuple(hx) if is_lstm else (hx,)
+                hs = (hx[0], hx[1]) if is_lstm else (hx,)  # indexed as torch.nn does (its IndexError for a bad hx)
                 want = 3 if is_batched else 2
                 if any(h.dim() != want for h in hs):
                     kind = "batched 3-D" if is_batched else "unbatched 2-D"

@@ -178,6 +178,8 @@ def _bad_forward_inputs(kind):
     if kind == "LSTM":
         cases["cx batch"] = (x, (h, torch.zeros(1, 3, 4, dtype=d)))
         cases["cx size"] = (x, (h, torch.zeros(1, 2, 5, dtype=d)))
+        cases["hx a tensor, not a pair"] = (x, h)  # torch.nn indexes it: its IndexError, not a tuple's
+        cases["hx a pair of one"] = (x, (h,))
     return cases
 
 
