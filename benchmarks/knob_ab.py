@@ -1,7 +1,7 @@
 """A/B of a CPU override that the kernels read at every call (FUSEDRNN_CPU_LOOP, _SPLIT, _DIRS, _PACK, _CHUNK_ROWS):
 
     python benchmarks/knob_ab.py FUSEDRNN_CPU_CHUNK_ROWS 512 - "LSTM,500,32,128;GRU,100,16,256" [--rounds 30]
-        [--mode fwd|fwdbwd] [--threads 2]
+        [--mode fwd|fwdbwd] [--threads 2] [--dtype float32|bfloat16|float16|float64]
 
 A case is cell,T,B,H[,key=value...] (I = H; extra keys go to the constructor, e.g. proj_size=64, except packed=1:
 a PackedSequence with the lengths of the bench's packed cases, T down to T/4). A value of "-"
@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwd")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     before = os.environ.get(args.knob, "-")
@@ -57,8 +58,9 @@ def run(args):
         cell, T, B, H, kw = parse_case(text)
         packed = bool(kw.pop("packed", 0))
         torch.manual_seed(0)
-        m = getattr(fusedrnn, cell)(H, H, backend="cpu", **kw)
-        x = torch.randn(T, B, H)
+        dtype = getattr(torch, args.dtype)
+        m = getattr(fusedrnn, cell)(H, H, backend="cpu", **kw).to(dtype)
+        x = torch.randn(T, B, H, dtype=dtype)
         if packed:
             lengths = Case(cell.lower(), T, B, H, H, packed=True).lengths()
             x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths))

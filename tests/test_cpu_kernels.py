@@ -512,6 +512,26 @@ def test_half_precision_backward_windows(mode, proj, lengths, loop, monkeypatch)
         assert g.dtype == torch.bfloat16 and torch.equal(g, w.to(torch.bfloat16)), i
 
 
+@pytest.mark.parametrize("loop", ["persistent", "gemm"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("mode,proj,lengths", [("lstm", 0, None), ("lstm", 3, [7, 7, 5, 2, 1]),
+                                               ("gru", 0, [6, 4, 4, 1, 1]), ("rnn_tanh", 0, [7, 6, 3, 3, 2])])
+def test_half_precision_forward_windows(mode, proj, lengths, train, loop, monkeypatch):
+    """The half-precision forward computes each time chunk in float32 windows of y and the reserve (the chunk's rows
+    and the step before them), cast into the outputs chunk by chunk: with chunks of a few rows, both directions,
+    equal and varying lengths and a projection, every output is bitwise the float32 forward's on whole float32
+    copies, cast once. I = 1, so the input projection is one exact product whatever GEMM computes it."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "4")
+    args, _ = make_case(mode, 2, 5, lengths, I=1, H=12, proj=proj, dtype=torch.bfloat16)
+    got = forward("cpu", args, train)
+    want = forward("cpu", cast_args(args, torch.float32), train)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w.to(torch.bfloat16)), i
+    if train and mode != "rnn_tanh":  # a plain RNN keeps no reserve
+        assert got[3].numel() > 0
+
+
 @pytest.mark.parametrize("half_gemm", ["-", "0"], ids=["mixed-gemm", "float32-copies"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("mode,proj,I,train", [("lstm", 0, 6, True), ("lstm", 3, 6, True), ("gru", 0, 6, True),

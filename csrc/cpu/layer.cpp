@@ -354,31 +354,49 @@ void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
   at::mm_out(out, x.to(out.scalar_type()), w_ih.to(out.scalar_type()).t());
 }
 
+// Copies rows [r, r + n) of a window of y (row stride ldy, columns [c, c + P)) from where they sit with the window
+// starting at row from_lo to where they sit with it starting at row to_lo, in the order that never overwrites a
+// row before it is copied.
+template <typename T>
+void shift_rows(T* win, int64_t ldy, int64_t c, int64_t P, int64_t r, int64_t n, int64_t from_lo, int64_t to_lo) {
+  if (from_lo == to_lo) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = from_lo < to_lo ? r + i : r + n - 1 - i;  // window moving up: rows shift down, first first
+    std::memmove(win + (row - to_lo) * ldy + c, win + (row - from_lo) * ldy + c, P * sizeof(T));
+  }
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const Tensor& x_, const Tensor& hx_,
                                                         const std::optional<Tensor>& cx_, at::TensorList weights,
                                                         bool train, at::TensorList bf16_w_hh = {}) {
   // bf16_w_hh: a bfloat16 layer's W_hh per direction, as they are (for the AMX product, AmxRec), or empty.
+  // A half-precision x (T float): y and the reserve are returned in x's dtype, each time chunk's rows computed in
+  // float32 windows of them (the chunk's rows and the step before them, for h_prev) and then cast, so the forward
+  // never holds float32 copies of the whole (the values are those of whole copies cast once).
   const KernelTable<T>& K = table<T>();
+  const bool half = half_precision(x_.scalar_type());
   const auto ws = contiguous_all(weights);
   const Tensor x = x_.contiguous(), hx = hx_.contiguous();
   const Tensor cx = L.mode == kLSTM ? cx_->contiguous() : Tensor();
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);  // x may be half precision (see above)
   const int64_t GH = L.G * L.H;
-  Tensor reserve = train ? alloc({L.D, L.N, L.R}, opts) : at::empty({0}, opts);
+  const auto out_opts = half ? x.options() : opts;
+  Tensor reserve = train ? alloc({L.D, L.N, L.R}, out_opts) : at::empty({0}, out_opts);
   const Tensor bias = L.bias ? input_bias(L, ws) : Tensor();
   // The input projections. Training LSTM / GRU: for the whole sequence straight into the first G*H columns of each
   // direction's reserve rows, where the gate pass overwrites them in place with the activated gates (the reserve
   // row holds the gates at the same columns): no buffer of their own. Else chunk by chunk into one chunk-sized
   // buffer, just before the loop reaches them.
   const bool in_reserve = train && L.R >= GH;
-  if (in_reserve)
+  if (in_reserve && !half)
     for (int64_t d = 0; d < L.D; ++d) input_projection(reserve[d].narrow(1, 0, GH), x, L.w_ih(ws, d));
   std::vector<Tensor> b_hn;
   if (L.mode == kGRU && L.bias)
     for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
 
-  Tensor y = alloc({L.N, L.D * L.P}, opts);
+  Tensor y = alloc({L.N, L.D * L.P}, out_opts);
+  Tensor no_y = at::empty({0}, opts), no_res = at::empty({0}, opts);  // half: Dir's y and res are the windows
   Tensor hy = hx.clone();
   Tensor cy = L.mode == kLSTM ? cx.clone() : at::empty({0}, opts);
   const bool small = small_batch(L, true);
@@ -387,7 +405,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
       parallel_dirs ? std::vector<int64_t>{0, L.B} : batch_blocks(L, small, sizeof(T));
   const int64_t nblk = static_cast<int64_t>(blocks.size()) - 1;
   auto run_direction = [&](int64_t d) {
-    const Dir<T> dir = make_dir<T>(L, d, ws, b_hn, bias, hx, cx, y, reserve);
+    const Dir<T> dir = half ? make_dir<T>(L, d, ws, b_hn, bias, hx, cx, no_y, no_res)
+                            : make_dir<T>(L, d, ws, b_hn, bias, hx, cx, y, reserve);
     T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
     T* h = hy[d].data_ptr<T>();
     const FwdScratch<T> scratch(L);
@@ -402,22 +421,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     Packed<T> pk;
     if (small && !with_amx) pk = pack_forward(dir, K, S, max_block_rows(blocks));
     pk.S = S;
-    auto loop = [&](const RowBuf<T>& buf, int64_t s0, int64_t s1) {
-      if (!small) return forward_large(dir, K, buf, s0, s1, h, c, scratch);
-      if (nblk == 1) return forward_small(dir, K, pk, buf, s0, s1, h, c, scratch, am);
+    auto loop = [&](const Dir<T>& dr, const RowBuf<T>& buf, int64_t s0, int64_t s1) {
+      if (!small) return forward_large(dr, K, buf, s0, s1, h, c, scratch);
+      if (nblk == 1) return forward_small(dr, K, pk, buf, s0, s1, h, c, scratch, am);
       in_threads(nblk, [&](int64_t i) {
-        forward_small(dir.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, buf, s0, s1, h, c, scratch, am);
+        forward_small(dr.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, buf, s0, s1, h, c, scratch, am);
       });
     };
-    if (in_reserve) return loop(RowBuf<T>{reserve[d].data_ptr<T>(), L.R, 0}, 0, L.T);
-    const std::vector<Chunk> chunks = time_chunks(L, dir.reverse, chunk_rows(GH * sizeof(T)));
+    if (in_reserve && !half) return loop(dir, RowBuf<T>{reserve[d].data_ptr<T>(), L.R, 0}, 0, L.T);
+    // Training chunks as the backward's (their windows of the reserve are the large workspace); inference chunks
+    // of about kInferChunkBytes of input projections.
+    const std::vector<Chunk> chunks =
+        time_chunks(L, dir.reverse, in_reserve ? chunk_rows() : chunk_rows(GH * sizeof(T)));
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
-    Tensor xg = alloc({max_rows, GH}, opts);
-    for (const Chunk& ch : chunks) {
-      Tensor part = xg.narrow(0, 0, ch.r1 - ch.r0);
-      input_projection(part, x.narrow(0, ch.r0, ch.r1 - ch.r0), L.w_ih(ws, d));
-      loop(RowBuf<T>{part.data_ptr<T>(), GH, ch.r0}, ch.s0, ch.s1);
+    Tensor xg = in_reserve ? Tensor() : alloc({max_rows, GH}, opts);
+    // half: float32 rows [lo, lo + n) of y (all D*P columns, this direction's written) and of this direction's
+    // reserve, lo = r0 - B and n = rows + 2B at most (the step before the chunk's first, either way).
+    const int64_t wrows = std::min(L.N, max_rows + 2 * L.B);
+    Tensor y_win = half ? alloc({wrows, L.D * L.P}, opts) : Tensor();
+    Tensor res_win = half && train && L.R ? alloc({wrows, L.R}, opts) : Tensor();
+    int64_t prev_lo = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const Chunk& ch = chunks[i];
+      const int64_t rows = ch.r1 - ch.r0;
+      Dir<T> dw = dir;
+      int64_t lo = 0;
+      if (half) {
+        lo = std::max<int64_t>(0, ch.r0 - L.B);
+        dw.y = y_win.data_ptr<T>();
+        if (res_win.defined()) dw.res = res_win.data_ptr<T>();
+        dw.base = lo;
+        // h_prev of the chunk's first step: the previous chunk's last step, moved to its place in this window.
+        const int64_t p = i > 0 ? dir.prev_step(dir.step(ch.s0)) : -1;
+        if (p >= 0) shift_rows(dw.y, dw.ldy, d * L.P, L.P, L.offs[p], L.bs[p], prev_lo, lo);
+        prev_lo = lo;
+      }
+      RowBuf<T> buf;
+      if (in_reserve) {  // half training: the projections go into the window's reserve rows, as above
+        Tensor part = res_win.narrow(0, ch.r0 - lo, rows);
+        input_projection(part.narrow(1, 0, GH), x.narrow(0, ch.r0, rows), L.w_ih(ws, d));
+        buf = RowBuf<T>{part.data_ptr<T>(), L.R, ch.r0};
+      } else {
+        Tensor part = xg.narrow(0, 0, rows);
+        input_projection(part, x.narrow(0, ch.r0, rows), L.w_ih(ws, d));
+        buf = RowBuf<T>{part.data_ptr<T>(), GH, ch.r0};
+      }
+      loop(dw, buf, ch.s0, ch.s1);
+      if (half) {
+        const auto cols = [&](const Tensor& t, int64_t r) { return t.narrow(0, r, rows).narrow(1, d * L.P, L.P); };
+        cols(y, ch.r0).copy_(cols(y_win, ch.r0 - lo));
+        if (res_win.defined()) reserve[d].narrow(0, ch.r0, rows).copy_(res_win.narrow(0, ch.r0 - lo, rows));
+      }
     }
   };
   if (parallel_dirs) {
@@ -457,10 +512,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(const std::string& mode, 
       if (x.scalar_type() == at::kBFloat16) bf16_w_hh.push_back(weights[d * L.group + 1].contiguous());
     }
     auto [y, hy, cy, reserve] = forward_typed<float>(L, x, to_float(hx), to_float(cx), ws, train, bf16_w_hh);
-    const at::ScalarType t = x.scalar_type();
-    Tensor r = reserve.to(t);
-    reserve = Tensor();  // the float32 reserve goes before y's copy is made
-    return {y.to(t), hy.to(t), cy.to(t), r};
+    const at::ScalarType t = x.scalar_type();  // y and the reserve have it already (forward_typed's windows)
+    return {y, hy.to(t), cy.to(t), reserve};
   }
   if (x.scalar_type() == at::kDouble) return forward_typed<double>(L, x, hx, cx, weights, train);
   return forward_typed<float>(L, x, hx, cx, weights, train);

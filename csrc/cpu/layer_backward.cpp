@@ -257,10 +257,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   Tensor grad_hx = grad_hy.numel() ? grad_hy.contiguous().clone() : at::zeros_like(hx);
   Tensor grad_cx = L.mode != kLSTM ? at::empty({0}, opts)
                    : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
-  Tensor grad_x = alloc({L.N, L.I}, opts);
+  // half, one direction: grad_x in x's dtype, each chunk's rows computed in a float32 buffer and cast (two
+  // directions sum into grad_x, so it stays float32 until both have).
+  const bool gx_chunks = half && L.D == 1;
+  Tensor grad_x = alloc({L.N, L.I}, gx_chunks ? x.options() : opts);
   std::vector<Tensor> gw(ws.size());
   for (size_t i = 0; i < ws.size(); ++i) gw[i] = L.T ? alloc(ws[i].sizes(), opts) : at::zeros_like(ws[i]);
   if (L.T == 0) grad_x.zero_();
+  Tensor gx_buf;
   const bool small = small_batch(L, false);
   const bool parallel_dirs = directions_in_parallel(L, small, sizeof(T));
   const std::vector<int64_t> blocks =
@@ -338,8 +342,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         if (uniform && !half) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first);
         else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first);
       }
-      Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
-      mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
+      if (gx_chunks) {
+        if (!gx_buf.defined()) gx_buf = alloc({max_rows, L.I}, opts);
+        Tensor gx = gx_buf.narrow(0, 0, rows);
+        mm_acc(gx, dg_c, L.w_ih(ws, d), true);
+        grad_x.narrow(0, ch.r0, rows).copy_(gx);
+      } else {
+        Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
+        mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
+      }
       if (L.bias) {
         Tensor& g_b = gw[d * L.group + 2];
         if (first) at::sum_out(g_b, dg_c, at::IntArrayRef{0});
