@@ -446,8 +446,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     Tensor xg = in_reserve ? Tensor() : alloc({max_rows, GH}, opts);
-    // half: float32 rows [lo, lo + n) of y (all D*P columns, this direction's written) and of this direction's
-    // reserve, lo = r0 - B and n = rows + 2B at most (the step before the chunk's first, either way).
+    // half: float32 windows (window_rows) of y (all D*P columns, this direction's written) and of this
+    // direction's reserve.
     const int64_t wrows = std::min(L.N, max_rows + 2 * L.B);
     Tensor y_win = half ? alloc({wrows, L.D * L.P}, opts) : Tensor();
     Tensor res_win = half && train && L.R ? alloc({wrows, L.R}, opts) : Tensor();
@@ -458,7 +458,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
       Dir<T> dw = dir;
       int64_t lo = 0;
       if (half) {
-        lo = std::max<int64_t>(0, ch.r0 - L.B);
+        lo = window_rows(L, ch).first;
         dw.y = y_win.data_ptr<T>();
         if (res_win.defined()) dw.res = res_win.data_ptr<T>();
         dw.base = lo;

@@ -299,8 +299,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       Tensor y_win, res_win;  // half: float32 rows [lo, lo + n) of y and of this direction's reserve
       int64_t lo = 0;
       if (half) {
-        lo = std::max<int64_t>(0, ch.r0 - L.B);
-        const int64_t n = std::min(L.N, ch.r1 + L.B) - lo;
+        const auto [w0, w1] = window_rows(L, ch);
+        lo = w0;
+        const int64_t n = w1 - w0;
         y_win = y.narrow(0, lo, n).to(opts.dtype());
         dir.y = y_win.data_ptr<T>();
         if (L.R) {

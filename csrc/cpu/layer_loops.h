@@ -423,6 +423,13 @@ struct Chunk {
   int64_t r0, r1;  // packed rows [r0, r1)
 };
 
+// The packed rows [lo, hi) of a half-precision chunk's float32 windows of y and the reserve (Dir::base = lo): its
+// own and up to B rows either side, which hold the neighbouring steps (h_prev and c_prev in either direction).
+// A window never exceeds the chunk's rows + 2B, nor N.
+inline std::pair<int64_t, int64_t> window_rows(const Layout& L, const Chunk& ch) {
+  return {std::max<int64_t>(0, ch.r0 - L.B), std::min(L.N, ch.r1 + L.B)};
+}
+
 // Chunks of about target rows (chunk_rows()) of the loop positions [0, T) of a direction, in loop order; a short
 // tail joins the chunk before it.
 inline std::vector<Chunk> time_chunks(const Layout& L, bool reverse, int64_t target) {
