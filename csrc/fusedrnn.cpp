@@ -81,6 +81,10 @@ static PyObject* amx_available(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+static PyObject* gemm_library(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fusedrnn::cpu::gemm_library().c_str());
+}
+
 static PyMethodDef kMethods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "set_cpu_capability(name): 'auto' (the best this CPU runs, the default), 'default' (baseline build), 'avx2' or "
@@ -89,6 +93,8 @@ static PyMethodDef kMethods[] = {
      "Kernel build the CPU ops use now: 'DEFAULT', 'AVX2' or 'AVX512'."},
     {"amx_available", amx_available, METH_NOARGS,
      "Whether the bfloat16 layers can use the AMX kernel (the CPU has AMX-BF16, the OS granted the tile state)."},
+    {"gemm_library", gemm_library, METH_NOARGS,
+     "What the float32 layers' input projections run on now: 'onednn' or 'blas'."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -42,6 +42,13 @@ def amx_available() -> bool:
     return _C is not None and bool(_C.amx_available())
 
 
+def gemm_library() -> str:
+    """What the float32 layers' input projections (the forward's large GEMMs) run on now: 'onednn'
+    (torch's oneDNN matmul; the default on AMD CPUs with AVX-512, where it is faster than MKL's sgemm) or 'blas'
+    (ATen's BLAS, MKL in torch's x86 wheels). FUSEDRNN_CPU_GEMM=onednn|blas overrides the choice."""
+    return _C.gemm_library()
+
+
 def capability() -> str:
     """The kernel build in use: 'DEFAULT', 'AVX2' or 'AVX512'."""
     return _C.cpu_capability()

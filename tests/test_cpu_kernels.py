@@ -195,6 +195,27 @@ def test_wide_panels(mode, B, proj, split, dtype, capability, monkeypatch):
     assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
 
 
+@pytest.mark.parametrize("library", ["blas", "onednn"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
+                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (1, 3, None, 0))])
+def test_gemm_library(mode, case, library, monkeypatch):
+    """The float32 layers' input projections (into a chunk buffer, inference, or the reserve's strided rows,
+    training) on BLAS or on torch's oneDNN matmul (FUSEDRNN_CPU_GEMM; the default on AMD CPUs): the same results
+    to float32 rounding, in several time chunks. oneDNN's fp32 matmul needs
+    AVX-512 (BW, VL, DQ): on such a CPU it must run, elsewhere the layers fall back to BLAS."""
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", library)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=20, H=24, proj=proj, dtype=torch.float64)
+    ref = run("reference", args, grads)
+    assert_match(run("cpu", args, grads, dtype=torch.float32), ref, TOL[torch.float32])
+    y, hy, _, _ = forward("cpu", cast_args(args, torch.float32), False)
+    torch.testing.assert_close(y.double(), ref["y"], rtol=0, atol=TOL[torch.float32])
+    torch.testing.assert_close(hy.double(), ref["hy"], rtol=0, atol=TOL[torch.float32])
+    onednn_runs = platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert cpu.gemm_library() == (library if onednn_runs else "blas")
+
+
 @pytest.mark.parametrize("schedule", ["dirs-parallel", "dirs-serial", "batch-split"])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 9])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])

@@ -340,7 +340,7 @@ void amx_projection(const Tensor& out, const Tensor& x, const Tensor& w_ih) {
 // float32 GEMM of their float32 copies does (every product of two half-precision numbers is exact in float32), on
 // AMX where the CPU has it (bfloat16: amx_projection; else MKL's); without the mixed GEMM, the copies.
 void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
-  if (x.scalar_type() == out.scalar_type()) return (void)at::mm_out(out, x, w_ih.t());
+  if (x.scalar_type() == out.scalar_type()) return dense_mm(out, x, w_ih.t(), false);
   const int64_t m = x.size(0), n = w_ih.size(0), k = x.size(1);
   const bool dense = k > 0 && x.is_contiguous() && w_ih.is_contiguous() && out.stride(1) == 1;
   if (dense && x.scalar_type() == at::kBFloat16 && m > 0 && n > 0) {
@@ -498,6 +498,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
 }  // namespace
 
 bool capability_available(Capability c) { return c <= cpu_best(); }
+
+std::string gemm_library() { return onednn_matmul() ? "onednn" : "blas"; }
 
 void force_capability(int which) {
   TORCH_CHECK(which < 0 || capability_available(static_cast<Capability>(which)),

@@ -37,4 +37,7 @@ void force_capability(int which);
 // "DEFAULT", "AVX2" or "AVX512".
 std::string active_capability();
 
+// The library the float32 input projections run on now: "onednn" or "blas" (layer_loops.h, onednn_matmul).
+std::string gemm_library();
+
 }  // namespace fusedrnn::cpu

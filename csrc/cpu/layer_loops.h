@@ -117,6 +117,68 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   else c.addmm_(a, b);
 }
 
+// oneDNN's float32 matmul, as ATen links it (at::native::mkldnn_matmul: result = beta result + a b; no header of
+// it ships with torch, so it is found at run time by its mangled name, torch 2.x's signature). Used for the
+// forward's input projections (layer.cpp, input_projection) where FUSEDRNN_CPU_GEMM says so: by
+// default on AMD CPUs, where MKL's sgemm runs well below oneDNN's (AMD EPYC Zen 4, 2 threads, GFLOP/s, MKL /
+// oneDNN: 1600 x 256 x 1024 ~140 / ~165, 1600 x 512 x 2048 ~120 / ~200). On Intel CPUs MKL stays.
+using dnnl_matmul_fn = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
+
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool amd = [] {
+    unsigned a, b, c, d;
+    __asm__ __volatile__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    char v[13];
+    std::memcpy(v, &b, 4);
+    std::memcpy(v + 4, &d, 4);
+    std::memcpy(v + 8, &c, 4);
+    v[12] = 0;
+    return std::strcmp(v, "AuthenticAMD") == 0 || std::strcmp(v, "HygonGenuine") == 0;
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+inline std::atomic<bool> g_dnnl_failed{false};  // it refused once (a CPU below its ISA): BLAS from then on
+
+inline dnnl_matmul_fn onednn_matmul() {
+  static const auto fn =
+      reinterpret_cast<dnnl_matmul_fn>(dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+  if (!fn || g_dnnl_failed.load(std::memory_order_relaxed)) return nullptr;
+  bool on = cpu_is_amd() && at::get_cpu_capability() == std::string("AVX512");  // it needs AVX-512 BW/VL/DQ
+  if (const char* e = std::getenv("FUSEDRNN_CPU_GEMM")) {
+    if (std::strcmp(e, "onednn") == 0) on = true;
+    else if (std::strcmp(e, "blas") == 0) on = false;
+  }
+  return on ? fn : nullptr;
+}
+
+// oneDNN reads its operands in place when they are contiguous or the transpose of a contiguous matrix (else
+// mkldnn_matmul copies them first, and BLAS, which takes any row stride, stays the faster).
+inline bool onednn_operand(const Tensor& t) {
+  return t.is_contiguous() || (t.stride(0) == 1 && t.stride(1) == t.size(0));
+}
+
+// out = a b (accumulate: out += a b) for the input projections; float32 on oneDNN where onednn_matmul() is on, else ATen's
+// (BLAS).
+inline void dense_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  if (out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 && onednn_operand(a) &&
+      onednn_operand(b) && out.stride(1) == 1) {
+    if (const dnnl_matmul_fn fn = onednn_matmul()) {
+      try {
+        return fn(a, b, out, accumulate ? 1.f : 0.f, 1.f);
+      } catch (const c10::Error&) {
+        g_dnnl_failed.store(true);
+      }
+    }
+  }
+  if (accumulate) const_cast<Tensor&>(out).addmm_(a, b);
+  else at::mm_out(const_cast<Tensor&>(out), a, b);
+}
+
 // A sense-reversing spin barrier for the threads of one at::parallel_for. Each caller arrives with the number
 // of slices it runs, so it stays correct however the runtime maps slices to threads. Spinning yields after a
 // while so a loaded machine does not starve the thread being waited for.

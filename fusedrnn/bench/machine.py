@@ -44,6 +44,16 @@ def fusedrnn_version() -> str | None:
         return None
 
 
+def fusedrnn_cpu_info() -> dict | None:
+    """The cpu backend's choices on this machine: kernel build, what its float32 input projections run on, AMX."""
+    try:
+        from fusedrnn import cpu
+
+        return {"capability": cpu.capability(), "gemm": cpu.gemm_library(), "amx": cpu.amx_available()}
+    except Exception:  # noqa: BLE001 - the extension is not built: the header says so
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -63,6 +73,7 @@ def machine_info(device: torch.device) -> dict:
         "fusedrnn": fusedrnn_version(),
         "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+    info["fusedrnn_cpu"] = fusedrnn_cpu_info()
     if torch.cuda.is_available():
         info["cudnn"] = torch.backends.cudnn.version()
     try:

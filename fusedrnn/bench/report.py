@@ -16,6 +16,7 @@ def header_md(res: dict) -> str:
         ["torch", str(m.get("torch"))],
         ["CUDA / cuDNN / Triton", f"{m.get('cuda')} / {m.get('cudnn')} / {m.get('triton')}"],
         ["fusedrnn", f"{m.get('fusedrnn')} (git {m.get('git_commit')})"],
+        ["fusedrnn cpu backend", _cpu_backend(m.get("fusedrnn_cpu"))],
         ["GEMM peak", peaks or "-"],
         ["preset", f"{cfg.get('preset')}; rounds {cfg.get('min_rounds')}..{cfg.get('rounds')} interleaved, "
                    f"warm-up {cfg.get('warmup')}, budget {cfg.get('budget_s')} s per case and mode"],
@@ -24,6 +25,13 @@ def header_md(res: dict) -> str:
         ["run time", f"{res.get('elapsed_s', 0):.0f} s"],
     ]
     return md_table(["", ""], [[f"**{a}**", b] for a, b in rows], ["l", "l"])
+
+
+def _cpu_backend(c) -> str:
+    if not c:
+        return "-"
+    return (f"{c.get('capability')} kernels, float32 input projections on {c.get('gemm')}, "
+            f"AMX {'yes' if c.get('amx') else 'no'}")
 
 
 def _load(v) -> str:
