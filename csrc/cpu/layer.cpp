@@ -338,9 +338,10 @@ void amx_projection(const Tensor& out, const Tensor& x, const Tensor& w_ih) {
 // out = x W_ih^T: the input projections of one direction for the rows of x (biases: FwdArgs::bias). A half-precision
 // layer passes its bfloat16 / float16 x and W_ih as they are and a float32 out: the mixed GEMM computes what the
 // float32 GEMM of their float32 copies does (every product of two half-precision numbers is exact in float32), on
-// AMX where the CPU has it (bfloat16: amx_projection; else MKL's); without the mixed GEMM, the copies.
+// AMX where the CPU has it (bfloat16: amx_projection; else MKL's); without the mixed GEMM, the copies. Same dtype
+// (float32, float64): dense_mm, oneDNN or BLAS.
 void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
-  if (x.scalar_type() == out.scalar_type()) return dense_mm(out, x, w_ih.t(), false);
+  if (x.scalar_type() == out.scalar_type()) return dense_mm(out, x, w_ih.t());
   const int64_t m = x.size(0), n = w_ih.size(0), k = x.size(1);
   const bool dense = k > 0 && x.is_contiguous() && w_ih.is_contiguous() && out.stride(1) == 1;
   if (dense && x.scalar_type() == at::kBFloat16 && m > 0 && n > 0) {
