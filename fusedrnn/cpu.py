@@ -45,7 +45,8 @@ def amx_available() -> bool:
 def gemm_library() -> str:
     """What the float32 layers' input projections (the forward's large GEMMs) run on now: 'onednn'
     (torch's oneDNN matmul; the default on AMD CPUs with AVX-512, where it is faster than MKL's sgemm) or 'blas'
-    (ATen's BLAS, MKL in torch's x86 wheels). FUSEDRNN_CPU_GEMM=onednn|blas overrides the choice."""
+    (ATen's BLAS, MKL in torch's x86 wheels). FUSEDRNN_CPU_GEMM=onednn|blas overrides the choice. Where it is
+    'onednn', LSTM's backward GEMMs run there too (FUSEDRNN_CPU_GEMM_BWD=onednn|blas overrides that)."""
     return _C.gemm_library()
 
 

@@ -195,15 +195,21 @@ def test_wide_panels(mode, B, proj, split, dtype, capability, monkeypatch):
     assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
 
 
+@pytest.mark.parametrize("bwd", ["-", "onednn", "blas"])
 @pytest.mark.parametrize("library", ["blas", "onednn"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
-                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_relu", (1, 3, None, 0))])
-def test_gemm_library(mode, case, library, monkeypatch):
+                                       ("lstm", (2, 3, None, 0)), ("gru", (2, 5, [8, 8, 4, 3, 1], 0)),
+                                       ("rnn_relu", (1, 3, None, 0))])
+def test_gemm_library(mode, case, library, bwd, monkeypatch):
     """The float32 layers' input projections (into a chunk buffer, inference, or the reserve's strided rows,
-    training) on BLAS or on torch's oneDNN matmul (FUSEDRNN_CPU_GEMM; the default on AMD CPUs): the same results
-    to float32 rounding, in several time chunks. oneDNN's fp32 matmul needs
+    training) on BLAS or on torch's oneDNN matmul (FUSEDRNN_CPU_GEMM; the default on AMD CPUs), and the backward's
+    GEMMs (weight gradients accumulated over time chunks, dW_hh from views of y and hx or a gathered H_prev,
+    grad_x summed over two directions) on either (FUSEDRNN_CPU_GEMM_BWD; unset: oneDNN for LSTM where the forward
+    has it): the same results to float32 rounding, in several time chunks. oneDNN's fp32 matmul needs
     AVX-512 (BW, VL, DQ): on such a CPU it must run, elsewhere the layers fall back to BLAS."""
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM", library)
+    if bwd != "-":
+        monkeypatch.setenv("FUSEDRNN_CPU_GEMM_BWD", bwd)
     monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
     D, B, lengths, proj = case
     args, grads = make_case(mode, D, B, lengths, I=20, H=24, proj=proj, dtype=torch.float64)

@@ -199,10 +199,26 @@ void gather_h_prev(const Dir<T>& dir, const Chunk& ch, T* out) {
   }
 }
 
-// out = a b, or out += a b after the first chunk. BLAS: oneDNN's matmul (dense_mm) ran these 5-8% faster on an
-// AMD EPYC but copies its operands into blocked layouts, which took forward+backward peak memory past torch.nn's
-// (RNN T100 B4 H512: 5.36 against 4.59 MiB).
-void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first) {
+// Whether the backward's GEMMs (weight gradients, grad_x) run on oneDNN's matmul (dense_mm) rather than BLAS: for
+// LSTM where onednn_matmul() is on (AMD CPUs with AVX-512, where MKL's sgemm takes its AVX2 path). Forward+backward
+// time, oneDNN / BLAS, AMD EPYC Zen 5 (family 26), 2 threads: LSTM T100 B16 H256 0.69, B64 H512 0.73, B1 0.84,
+// T500 B32 H128 0.76, B16 H512 P128 0.69; on a Zen 4, whose AVX-512 is two 256-bit halves, 0.92-0.95. RNN stays on
+// BLAS (same case there 0.72): oneDNN copies the right operand (a chunk's [rows, P] of x or h_prev) into its
+// blocked layout, which put RNN's forward+backward peak memory above torch.nn's (T100 B4 H512 5.36 against
+// 4.59 MiB, T10 B16 H256 1.19 against 1.11) while LSTM's stays far below torch.nn's. GRU's gate gradients are
+// 4H wide (the n part's two halves), so its dG_r,z,n columns are not a matrix oneDNN reads in place.
+// FUSEDRNN_CPU_GEMM_BWD=onednn|blas overrides (benchmarks, tests).
+bool bwd_onednn(const Layout& L) {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_GEMM_BWD")) {
+    if (std::strcmp(e, "onednn") == 0) return true;
+    if (std::strcmp(e, "blas") == 0) return false;
+  }
+  return L.mode == kLSTM && onednn_matmul() != nullptr;
+}
+
+// out = a b, or out += a b after the first chunk; dnnl: on oneDNN where it reads the operands in place.
+void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first, bool dnnl) {
+  if (dnnl) return dense_mm(out, a, b, first ? 0.f : 1.f);
   if (first) at::mm_out(out, a, b);
   else out.addmm_(a, b);
 }
@@ -212,7 +228,7 @@ void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first) {
 // two GEMMs on views of y and hx do it without a gathered copy of H_prev. dg: the chunk's [rows, G*H] gradients.
 template <typename T>
 void w_hh_grad_uniform(const Dir<T>& dir, const Chunk& ch, const Tensor& dg, const Tensor& y_d, const Tensor& hx_d,
-                       Tensor& g_hh, bool first) {
+                       Tensor& g_hh, bool first, bool dnnl) {
   const int64_t B = dir.L->B, N = dir.L->N;
   // rows [lo, hi) whose previous step is in y; [h_lo, h_hi) those of the loop's first step (previous: hx)
   const int64_t lo = dir.reverse ? ch.r0 : std::max(ch.r0, B);
@@ -220,12 +236,12 @@ void w_hh_grad_uniform(const Dir<T>& dir, const Chunk& ch, const Tensor& dg, con
   const int64_t h_lo = dir.reverse ? std::max(ch.r0, N - B) : ch.r0;
   const int64_t h_hi = dir.reverse ? ch.r1 : std::min(ch.r1, B);
   if (lo < hi) {
-    mm_acc(g_hh, dg.narrow(0, lo - ch.r0, hi - lo).t(), y_d.narrow(0, dir.reverse ? lo + B : lo - B, hi - lo), first);
+    mm_acc(g_hh, dg.narrow(0, lo - ch.r0, hi - lo).t(), y_d.narrow(0, dir.reverse ? lo + B : lo - B, hi - lo), first, dnnl);
     first = false;
   }
   if (h_lo < h_hi)
     mm_acc(g_hh, dg.narrow(0, h_lo - ch.r0, h_hi - h_lo).t(),
-           hx_d.narrow(0, dir.reverse ? h_lo - (N - B) : h_lo, h_hi - h_lo), first);
+           hx_d.narrow(0, dir.reverse ? h_lo - (N - B) : h_lo, h_hi - h_lo), first, dnnl);
 }
 
 template <typename T>
@@ -278,6 +294,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   Tensor y_mut = half ? at::empty({0}, opts) : y;
   Tensor res_dir = half ? at::empty({0}, opts) : reserve;
   const bool uniform = L.B > 0 && L.T > 0 && L.bs[L.T - 1] == L.B;  // every step has the whole batch
+  const bool dnnl = std::is_same_v<T, float> && bwd_onednn(L);
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir_all = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, res_dir);
     const std::vector<Chunk> chunks = time_chunks(L, dir_all.reverse, chunk_rows());
@@ -337,22 +354,22 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
       const Tensor buf = dg.narrow(0, 0, rows);
       const Tensor dg_c = buf.narrow(1, 0, GH);
-      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows).to(opts.dtype()), first);
+      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows).to(opts.dtype()), first, dnnl);
       if (!uniform || half) gather_h_prev(dir, ch, hprev.data_ptr<T>());
       for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
         Tensor g_part = g_hh.narrow(0, part.wrow, part.R);
         const Tensor d_part = buf.narrow(1, part.col, part.R);
-        if (uniform && !half) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first);
-        else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first);
+        if (uniform && !half) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first, dnnl);
+        else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first, dnnl);
       }
       if (gx_chunks) {
         if (!gx_buf.defined()) gx_buf = alloc({max_rows, L.I}, opts);
         Tensor gx = gx_buf.narrow(0, 0, rows);
-        mm_acc(gx, dg_c, L.w_ih(ws, d), true);
+        mm_acc(gx, dg_c, L.w_ih(ws, d), true, dnnl);
         grad_x.narrow(0, ch.r0, rows).copy_(gx);
       } else {
         Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
-        mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs);
+        mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs, dnnl);
       }
       if (L.bias) {
         Tensor& g_b = gw[d * L.group + 2];
@@ -368,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       if (L.proj) {
         const Tensor r = half ? res_win.narrow(0, ch.r0 - lo, rows) : reserve[d].narrow(0, ch.r0, rows);
         const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
-        mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first);
+        mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first, dnnl);
       }
     }
     // LSTM and RNN: both biases get the same gradient (one pass over dG, not two); GRU: the r and z parts.

@@ -162,19 +162,21 @@ inline bool onednn_operand(const Tensor& t) {
   return t.is_contiguous() || (t.stride(0) == 1 && t.stride(1) == t.size(0));
 }
 
-// out = a b for the input projections: float32 on oneDNN where onednn_matmul() is on, else ATen's (BLAS).
-inline void dense_mm(Tensor out, const Tensor& a, const Tensor& b) {
+// out = a b (beta 0) or out += a b (beta 1): float32 on oneDNN where onednn_matmul() is on and it reads the
+// operands in place, else ATen's (BLAS). The forward's input projections and (bwd_onednn) the backward's GEMMs.
+inline void dense_mm(Tensor out, const Tensor& a, const Tensor& b, float beta = 0.f) {
   if (out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 && onednn_operand(a) &&
       onednn_operand(b) && out.stride(1) == 1) {
     if (const dnnl_matmul_fn fn = onednn_matmul()) {
       try {
-        return fn(a, b, out, 0.f, 1.f);
+        return fn(a, b, out, beta, 1.f);
       } catch (const c10::Error&) {
         g_dnnl_failed.store(true);
       }
     }
   }
-  at::mm_out(out, a, b);
+  if (beta == 0.f) at::mm_out(out, a, b);
+  else out.addmm_(a, b);
 }
 
 // A sense-reversing spin barrier for the threads of one at::parallel_for. Each caller arrives with the number

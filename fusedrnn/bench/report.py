@@ -30,7 +30,8 @@ def header_md(res: dict) -> str:
 def _cpu_backend(c) -> str:
     if not c:
         return "-"
-    return (f"{c.get('capability')} kernels, float32 input projections on {c.get('gemm')}, "
+    return (f"{c.get('capability')} kernels, float32 input projections on {c.get('gemm')}"
+            f"{' (LSTM backward too)' if c.get('gemm') == 'onednn' else ''}, "
             f"AMX {'yes' if c.get('amx') else 'no'}")
 
 
