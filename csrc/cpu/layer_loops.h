@@ -142,6 +142,23 @@ inline bool cpu_is_amd() {
 #endif
 }
 
+// AMD's CPU family (cpuid leaf 1: base family, plus the extended family where the base is 0xF), 0 elsewhere.
+// 0x19: Zen 3 and Zen 4 (AVX-512 as two 256-bit halves); 0x1A: Zen 5 (full 512-bit datapaths).
+inline unsigned amd_family() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const unsigned fam = [] {
+    if (!cpu_is_amd()) return 0u;
+    unsigned a, b, c, d;
+    __asm__ __volatile__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    const unsigned base = (a >> 8) & 0xF, ext = (a >> 20) & 0xFF;
+    return base == 0xF ? base + ext : base;
+  }();
+  return fam;
+#else
+  return 0;
+#endif
+}
+
 inline std::atomic<bool> g_dnnl_failed{false};  // it refused once (a CPU below its ISA): BLAS from then on
 
 inline dnnl_matmul_fn onednn_matmul() {
@@ -546,6 +563,10 @@ struct Packed {
 // win per step by more the shorter K = P is (the sums' share), against a fixed cost: they pay from about 2N >= P
 // packed rows (H256 B4: T8 1.10, T32 0.98, T100 0.98; B8 T4 1.09, T16 0.84; B16 T4 1.02, T16 0.78; H128 B4 T16 0.88,
 // T128 0.80; B3 T16 1.2, T200 0.94; H512 B64 T1 1.46, T2 1.06, T4 0.95).
+// On an AMD Zen 5 (family 0x1A, 2 threads, AVX-512), though, the packed panels win from batch 1 (the matrix-vector
+// kernel's 16 row streams of W_hh come from L2 slower than one panel stream): LSTM fwd, time packed / unpacked, H256
+// B1 T2 1.15, T8 1.08, T16 1.00, T30 0.87, T100 0.96, T400 0.90; B2 T100 0.86; H512 B1 T8 1.08, T100 0.91; GRU H256
+// B1 T8 1.04, T100 0.84; RNN T200 0.84. There the forward packs from kPackMinRowsZen5 packed rows at batch 1-2.
 // Backward: the vector-matrix kernel on W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from
 // batch 4 by 1-4% (fwd+bwd, LSTM T100 B16 H256 1.2%, GRU same 2.9%, LSTM T500 B32 H128 4.4%, LSTM T100 B64 H512
 // 3.4%; with the three-vector panels and the vector-matrix kernel's prefetch, LSTM, time packed / unpacked: T100
@@ -554,6 +575,8 @@ struct Packed {
 // what put the peak memory of forward+backward above torch.nn's (RNN T100 B4 H512: 1.17x, 0.96x without it). LSTM,
 // whose peak is far below torch.nn's (0.37-0.69x where this adds a copy), packs from N >= 4P. FUSEDRNN_CPU_PACK=0|1 (both),
 // fwd or bwd (only that one) overrides (tests and benchmarks).
+constexpr int64_t kPackMinRowsZen5 = 32;
+
 inline bool pack_weights(const Layout& L, bool forward) {
   if (const char* e = std::getenv("FUSEDRNN_CPU_PACK")) {
     if (std::strcmp(e, "0") == 0) return false;
@@ -561,7 +584,7 @@ inline bool pack_weights(const Layout& L, bool forward) {
     if (std::strcmp(e, "fwd") == 0) return forward;
     if (std::strcmp(e, "bwd") == 0) return !forward;
   }
-  if (forward) return L.B > 2 && 2 * L.N >= L.P;
+  if (forward) return L.B > 2 ? 2 * L.N >= L.P : amd_family() >= 0x1A && L.N >= kPackMinRowsZen5;
   return L.B > 2 && (L.mode == kLSTM ? 4 * L.P <= L.N : 8 * L.P <= L.N);
 }
 
