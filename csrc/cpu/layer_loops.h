@@ -566,7 +566,9 @@ struct Packed {
 // On an AMD Zen 5 (family 0x1A, 2 threads, AVX-512), though, the packed panels win from batch 1 (the matrix-vector
 // kernel's 16 row streams of W_hh come from L2 slower than one panel stream): LSTM fwd, time packed / unpacked, H256
 // B1 T2 1.15, T8 1.08, T16 1.00, T30 0.87, T100 0.96, T400 0.90; B2 T100 0.86; H512 B1 T8 1.08, T100 0.91; GRU H256
-// B1 T8 1.04, T100 0.84; RNN T200 0.84. There the forward packs from kPackMinRowsZen5 packed rows at batch 1-2.
+// B1 T8 1.04, T100 0.84; RNN T200 0.84. There the forward packs from kPackMinRowsZen5 packed rows at batch 1-2,
+// and LSTM's backward packs its strips from twice that at any batch (fwd+bwd, packed / unpacked backward: H256 B1
+// T30 0.99, T100 0.92, T400 0.87, H512 B1 T100 0.91, H256 B2 T100 0.98, B8 T100 0.97).
 // Backward: the vector-matrix kernel on W_hh as it is wins at batch 1 (fwd+bwd 4% faster), the packed strips from
 // batch 4 by 1-4% (fwd+bwd, LSTM T100 B16 H256 1.2%, GRU same 2.9%, LSTM T500 B32 H128 4.4%, LSTM T100 B64 H512
 // 3.4%; with the three-vector panels and the vector-matrix kernel's prefetch, LSTM, time packed / unpacked: T100
@@ -585,6 +587,7 @@ inline bool pack_weights(const Layout& L, bool forward) {
     if (std::strcmp(e, "bwd") == 0) return !forward;
   }
   if (forward) return L.B > 2 ? 2 * L.N >= L.P : amd_family() >= 0x1A && L.N >= kPackMinRowsZen5;
+  if (L.mode == kLSTM && amd_family() >= 0x1A) return L.N >= 2 * kPackMinRowsZen5;
   return L.B > 2 && (L.mode == kLSTM ? 4 * L.P <= L.N : 8 * L.P <= L.N);
 }
 
