@@ -433,6 +433,24 @@ def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tin
     assert schema.validate(res) == []
 
 
+def test_gemm_peak_takes_the_faster_library_and_the_header_names_it(tiny_results, monkeypatch):
+    """The CPU's GEMM peak is the faster of ATen's matmul (BLAS) and oneDNN's where torch has oneDNN (on AMD CPUs
+    MKL's AVX2 path would understate it); the result says which, float64 (which oneDNN's matmul does not take)
+    stays on BLAS, and the report's header names the library."""
+    from fusedrnn.bench import machine
+    p = machine.gemm_peak(torch.device("cpu"), torch.float32, n=128, reps=2)
+    assert p["library"] in (("blas", "onednn") if torch.backends.mkldnn.is_available() else ("blas",))
+    assert p["gflops"] >= p["gflops_median"] > 0
+    assert machine.gemm_peak(torch.device("cpu"), torch.float64, n=64, reps=1)["library"] == "blas"
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert machine.gemm_peak(torch.device("cpu"), torch.float32, n=64, reps=1)["library"] == "blas"
+    res = copy.deepcopy(tiny_results)
+    res["gemm_peak"] = {"float32": {"n": 2048, "dtype": "float32", "gflops": 400.0, "gflops_median": 390.0,
+                                    "library": "onednn"}}
+    assert "float32 400 GFLOP/s (2048^3 matmul, onednn)" in report.header_md(res)
+    assert schema.validate(res) == []
+
+
 @pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
 def test_knob_ab_alternates_the_setting_and_restores_it(capsys, monkeypatch):
     """benchmarks/knob_ab.py: one line per case with the ratio of the two settings, alternating which runs first;

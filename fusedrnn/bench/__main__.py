@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     peaks = {}
     for dt in dtypes_used:
         peaks[dt] = machine.gemm_peak(device, getattr(torch, dt))
-        print(f"GEMM peak {dt}: {peaks[dt]['gflops']:.0f} GFLOP/s", file=sys.stderr)
+        print(f"GEMM peak {dt}: {peaks[dt]['gflops']:.0f} GFLOP/s ({peaks[dt]['library']})", file=sys.stderr)
     config = {"preset": preset, "device": str(device), "backends": backends, "cells": cells,
               "dtypes": dtypes_used, "argv": sys.argv[1:] if argv is None else list(argv), "filter": args.filter}
     prog = Progress(len(cases), enabled=None if not args.no_progress else False)

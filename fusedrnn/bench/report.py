@@ -7,7 +7,8 @@ from .fmt import md_table
 
 def header_md(res: dict) -> str:
     m, cfg = res.get("machine", {}), res.get("config", {})
-    peaks = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s ({v['n']}^3 matmul)" for k, v in res.get("gemm_peak", {}).items())
+    peaks = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s ({v['n']}^3 matmul"
+                      f"{', ' + v['library'] if v.get('library') else ''})" for k, v in res.get("gemm_peak", {}).items())
     rows = [
         ["date", str(m.get("date_utc"))],
         ["device", f"{m.get('device')} — {m.get('device_name')}"],

@@ -6,8 +6,9 @@ Top level (a dict):
     machine           dict: date_utc, device, device_name, cpu_model, cpu_count, threads, torch, cuda, cudnn,
                       triton, git_commit, fusedrnn (version), fusedrnn_cpu ({capability, gemm, amx} or null),
                       load_avg, ...
-    gemm_peak         {dtype name: {n, dtype, gflops, gflops_median[, gflops_start, gflops_end]}}  best n^3
-                      matmul, the better of the measurements before and after the run
+    gemm_peak         {dtype name: {n, dtype, gflops, gflops_median, library[, gflops_start, gflops_end]}}  best
+                      n^3 matmul, the better of the measurements before and after the run; library: what ran
+                      it, the faster of "blas" and "onednn" on the CPU ("cublas" on a GPU; absent in older files)
     config            dict: preset, device, backends (timed), cells, dtypes, rounds, min_rounds, warmup,
                       budget_s, argv
     fused_api         bool: fusedrnn.LSTM/GRU/RNN were importable (else only torch.nn was measured)
