@@ -295,6 +295,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   Tensor res_dir = half ? at::empty({0}, opts) : reserve;
   const bool uniform = L.B > 0 && L.T > 0 && L.bs[L.T - 1] == L.B;  // every step has the whole batch
   const bool dnnl = std::is_same_v<T, float> && bwd_onednn(L);
+  // dW_hh from views of y and hx where every step has the whole batch; else from H_prev gathered per chunk. Also
+  // gathered for two directions on oneDNN: a direction's columns of y are not a matrix it reads in place (BLAS
+  // would take them; forward+backward time gathered on oneDNN / views on BLAS, EPYC Zen 5: LSTM bidirectional T100
+  // B16 H256 0.87, 2 layers 0.90, B64 H512 0.91).
+  const bool hprev_views = uniform && !half && !(dnnl && L.D == 2);
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir_all = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, res_dir);
     const std::vector<Chunk> chunks = time_chunks(L, dir_all.reverse, chunk_rows());
@@ -303,7 +308,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;
     Tensor dg = alloc({max_rows, ldg}, opts);
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
-    Tensor hprev = uniform && !half ? Tensor() : alloc({max_rows, L.P}, opts);
+    Tensor hprev = hprev_views ? Tensor() : alloc({max_rows, L.P}, opts);
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
     const Packed<T> pk = small && L.T
                              ? pack_backward(dir_all, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
@@ -355,11 +360,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       const Tensor buf = dg.narrow(0, 0, rows);
       const Tensor dg_c = buf.narrow(1, 0, GH);
       mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows).to(opts.dtype()), first, dnnl);
-      if (!uniform || half) gather_h_prev(dir, ch, hprev.data_ptr<T>());
+      if (!hprev_views) gather_h_prev(dir, ch, hprev.data_ptr<T>());
       for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
         Tensor g_part = g_hh.narrow(0, part.wrow, part.R);
         const Tensor d_part = buf.narrow(1, part.col, part.R);
-        if (uniform && !half) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first, dnnl);
+        if (hprev_views) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first, dnnl);
         else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first, dnnl);
       }
       if (gx_chunks) {
