@@ -222,6 +222,24 @@ def test_gemm_library(mode, case, library, bwd, monkeypatch):
     assert cpu.gemm_library() == (library if onednn_runs else "blas")
 
 
+@pytest.mark.parametrize("step", ["blas", "onednn"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
+                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_tanh", (1, 3, None, 0))])
+def test_gemm_loop_step_library(mode, case, step, monkeypatch):
+    """The GEMM-per-step loops' products (the recurrence, LSTM's projection, the backward's dG W_hh by parts) on
+    BLAS or on oneDNN's matmul (FUSEDRNN_CPU_GEMM_STEP; unset: oneDNN where the input projections have it, with
+    BLAS for operands it would copy): the same forward and backward to float32 rounding."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", "gemm")
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM_STEP", step)
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=20, H=24, proj=proj, dtype=torch.float64)
+    ref = run("reference", args, grads)
+    assert_match(run("cpu", args, grads, dtype=torch.float32), ref, TOL[torch.float32])
+    y, hy, _, _ = forward("cpu", cast_args(args, torch.float32), False)
+    torch.testing.assert_close(y.double(), ref["y"], rtol=0, atol=TOL[torch.float32])
+
+
 @pytest.mark.parametrize("schedule", ["dirs-parallel", "dirs-serial", "batch-split"])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 9])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])
