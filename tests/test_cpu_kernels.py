@@ -195,6 +195,18 @@ def test_wide_panels(mode, B, proj, split, dtype, capability, monkeypatch):
     assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
 
 
+def _float32_train_and_inference_match_reference(mode, case):
+    """The float32 cpu layer's training forward and backward, and its inference forward, against the float64
+    reference to float32 rounding (I=20, H=24)."""
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=20, H=24, proj=proj, dtype=torch.float64)
+    ref = run("reference", args, grads)
+    assert_match(run("cpu", args, grads, dtype=torch.float32), ref, TOL[torch.float32])
+    y, hy, _, _ = forward("cpu", cast_args(args, torch.float32), False)
+    torch.testing.assert_close(y.double(), ref["y"], rtol=0, atol=TOL[torch.float32])
+    torch.testing.assert_close(hy.double(), ref["hy"], rtol=0, atol=TOL[torch.float32])
+
+
 @pytest.mark.parametrize("bwd", ["-", "onednn", "blas"])
 @pytest.mark.parametrize("library", ["blas", "onednn"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
@@ -211,13 +223,7 @@ def test_gemm_library(mode, case, library, bwd, monkeypatch):
     if bwd != "-":
         monkeypatch.setenv("FUSEDRNN_CPU_GEMM_BWD", bwd)
     monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
-    D, B, lengths, proj = case
-    args, grads = make_case(mode, D, B, lengths, I=20, H=24, proj=proj, dtype=torch.float64)
-    ref = run("reference", args, grads)
-    assert_match(run("cpu", args, grads, dtype=torch.float32), ref, TOL[torch.float32])
-    y, hy, _, _ = forward("cpu", cast_args(args, torch.float32), False)
-    torch.testing.assert_close(y.double(), ref["y"], rtol=0, atol=TOL[torch.float32])
-    torch.testing.assert_close(hy.double(), ref["hy"], rtol=0, atol=TOL[torch.float32])
+    _float32_train_and_inference_match_reference(mode, case)
     onednn_runs = platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "AVX512"
     assert cpu.gemm_library() == (library if onednn_runs else "blas")
 
@@ -232,12 +238,7 @@ def test_gemm_loop_step_library(mode, case, step, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_CPU_LOOP", "gemm")
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM_STEP", step)
-    D, B, lengths, proj = case
-    args, grads = make_case(mode, D, B, lengths, I=20, H=24, proj=proj, dtype=torch.float64)
-    ref = run("reference", args, grads)
-    assert_match(run("cpu", args, grads, dtype=torch.float32), ref, TOL[torch.float32])
-    y, hy, _, _ = forward("cpu", cast_args(args, torch.float32), False)
-    torch.testing.assert_close(y.double(), ref["y"], rtol=0, atol=TOL[torch.float32])
+    _float32_train_and_inference_match_reference(mode, case)
 
 
 @pytest.mark.parametrize("schedule", ["dirs-parallel", "dirs-serial", "batch-split"])
