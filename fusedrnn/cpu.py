@@ -46,7 +46,8 @@ def gemm_library() -> str:
     """What the float32 layers' input projections (the forward's large GEMMs) run on now: 'onednn'
     (torch's oneDNN matmul; the default on AMD CPUs with AVX-512, where it is faster than MKL's sgemm) or 'blas'
     (ATen's BLAS, MKL in torch's x86 wheels). FUSEDRNN_CPU_GEMM=onednn|blas overrides the choice. Where it is
-    'onednn', LSTM's backward GEMMs run there too (FUSEDRNN_CPU_GEMM_BWD=onednn|blas overrides that)."""
+    'onednn', LSTM's backward GEMMs (FUSEDRNN_CPU_GEMM_BWD=onednn|blas) and the per-step products of batches above
+    64 (FUSEDRNN_CPU_GEMM_STEP=onednn|blas) run there too."""
     return _C.gemm_library()
 
 
