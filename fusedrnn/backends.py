@@ -22,6 +22,10 @@ class Backend:
     """Base class; see docs/design.md for the shapes of forward/backward arguments."""
 
     name = "?"
+    # Whether backward() takes the lazy zeros ops._backward passes for unused states: grad_hy and grad_cy with no
+    # elements (else ops._layer_backward makes them whole). Every backend takes an expanded grad_y (strides (0, 0),
+    # y.sum()'s gradient), which is also what an unused y gets.
+    lazy_zero_grads = False
 
     def available(self) -> bool:
         return True

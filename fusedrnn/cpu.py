@@ -58,6 +58,7 @@ def capability() -> str:
 
 class CpuBackend(Backend):
     name = "cpu"
+    lazy_zero_grads = True  # layer_backward.cpp: an expanded grad_y is read as one row, empty state grads as zeros
 
     def available(self) -> bool:
         return _C is not None

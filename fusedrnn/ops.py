@@ -66,9 +66,16 @@ def _rnn_layer_fake(mode, x, batch_sizes, hx, cx, weights, has_biases, num_direc
 
 def _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
                     reserve, backend):
-    """The body of rnn_layer_backward (and of the eager path's backward)."""
-    gx, ghx, gcx, gws = _impl(backend, x).backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
-                                                   has_biases, num_directions, y, reserve)
+    """The body of rnn_layer_backward (and of the eager path's backward). Gradients of unused states may come as
+    lazy zeros (see _backward); they are made whole here for a backend that does not take them."""
+    impl = _impl(backend, x)
+    if not impl.lazy_zero_grads:  # (an expanded grad_y every backend takes: it is y.sum()'s gradient)
+        if grad_hy.numel() == 0:
+            grad_hy = torch.zeros_like(hx)
+        if mode == "lstm" and grad_cy.numel() == 0:
+            grad_cy = torch.zeros_like(cx)
+    gx, ghx, gcx, gws = impl.backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
+                                      has_biases, num_directions, y, reserve)
     if debug.nan_fill_enabled():
         debug.check_written(backend, "rnn_layer_backward", [grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve],
                             {"grad_x": gx, "grad_hx": ghx, "grad_cx": gcx, "grad_weights": list(gws)})
@@ -80,8 +87,8 @@ def rnn_layer_backward(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tens
                        hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], has_biases: bool,
                        num_directions: int, y: Tensor, reserve: Tensor, backend: str
                        ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """grad_y [N, D*P], grad_hy [D, B, P], grad_cy [D, B, H] or [0] -> grad_x [N, I], grad_hx [D, B, P],
-    grad_cx [D, B, H] or [0], weight grads shaped as `weights`."""
+    """grad_y [N, D*P], grad_hy [D, B, P] or [0] (zeros), grad_cy [D, B, H] or [0] -> grad_x [N, I], grad_hx
+    [D, B, P], grad_cx [D, B, H] or [0], weight grads shaped as `weights` (docs/design.md, Backward)."""
     return _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
                            num_directions, y, reserve, backend)
 
@@ -114,14 +121,14 @@ def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve, forward=None, backwa
     if not ctx.train:  # the forward kept no reserve (the modules never do this): recompute it
         y, _, _, reserve = forward(ctx.mode, x, batch_sizes, hx, cx, weights, ctx.has_biases, ctx.num_directions, True,
                                    ctx.backend)
+    # Unused outputs' gradients as lazy zeros: grad_y one zero expanded to y's shape (strides 0; a loss on the last
+    # hidden state alone, as a classifier's, would otherwise allocate a zero gradient as large as y), grad_hy and
+    # grad_cy empty. _layer_backward makes them whole for a backend that does not take them.
     if grad_y is None:
-        grad_y = torch.zeros_like(y)
+        grad_y = y.new_zeros(()).expand(y.shape)
     if grad_hy is None:
-        grad_hy = torch.zeros_like(hx)
-    if ctx.mode == "lstm":
-        if grad_cy is None:
-            grad_cy = torch.zeros_like(cx)
-    else:
+        grad_hy = x.new_zeros(0)
+    if ctx.mode != "lstm" or grad_cy is None:
         grad_cy = x.new_zeros(0)
     gx, ghx, gcx, gws = backward(ctx.mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ctx.has_biases,
                                  ctx.num_directions, y, reserve, ctx.backend)

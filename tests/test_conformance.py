@@ -132,3 +132,35 @@ def test_tanh_derivative_is_accurate_near_saturation(backend, capability):
     ok = want > 0  # y rounded to exactly 1: the derivative is 0 in every implementation
     err = ((g.double() - want).abs() / want)[ok]
     assert err.max() <= 2 * torch.finfo(torch.float32).eps, err.max()
+
+
+def _subset_grads(module, x, hx, use):
+    """Gradients (x, h0 [, c0], every parameter) of a random projection of only the outputs named in `use`
+    (y, h, c): the others' gradients reach the layers as None."""
+    x = x.detach().clone().requires_grad_()
+    hx = tuple(h.detach().clone().requires_grad_() for h in hx)
+    y, state = module(x, hx if len(hx) == 2 else hx[0])
+    outs = {"y": y, "h": state[0] if isinstance(state, tuple) else state}
+    if isinstance(state, tuple):
+        outs["c"] = state[1]
+    g = torch.Generator().manual_seed(4)
+    loss = sum((outs[k] * torch.randn(outs[k].shape, generator=g, dtype=torch.float64)).sum() for k in use)
+    wrt = [x, *hx, *module.parameters()]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("use", ["y", "h", "c", "yc"])
+def test_loss_on_some_outputs_only(backend, kind, use):
+    """A loss on part of the outputs (a classifier's on h_n alone, a tagger's on y alone): the unused outputs'
+    gradients reach the layers' backward as lazy zeros (an expanded grad_y, empty grad_hy / grad_cy; see
+    docs/design.md, Backward), and every gradient still matches torch.nn's. Two layers, both directions."""
+    if kind != "LSTM" and "c" in use:
+        pytest.skip("only LSTM has c_n")
+    ref, ours = make_pair(kind, I, H, num_layers=2, bidirectional=True, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    hx = tuple(torch.randn(4, B, H, generator=g, dtype=torch.float64) for _ in range(2 if kind == "LSTM" else 1))
+    assert_close_all(_subset_grads(ours, x, hx, use), _subset_grads(ref, x, hx, use), torch.float64, use)
