@@ -440,10 +440,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
       });
     };
     if (in_reserve && !half) return loop(dir, RowBuf<T>{reserve[d].data_ptr<T>(), L.R, 0}, 0, L.T);
-    // Training chunks as the backward's (their windows of the reserve are the large workspace); inference chunks
-    // of about kInferChunkBytes of input projections.
+    // Training chunks as the backward's (the input projections, or a half-precision layer's windows of the
+    // reserve, are the large workspace); inference chunks of about kInferChunkBytes of input projections.
     const std::vector<Chunk> chunks =
-        time_chunks(L, dir.reverse, in_reserve ? chunk_rows() : chunk_rows(GH * sizeof(T)));
+        time_chunks(L, dir.reverse, train ? train_chunk_rows(L) : chunk_rows(GH * sizeof(T)));
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     Tensor xg = in_reserve ? Tensor() : alloc({max_rows, GH}, opts);

@@ -302,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   const bool hprev_views = uniform && !half && !(dnnl && L.D == 2);
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir_all = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, res_dir);
-    const std::vector<Chunk> chunks = time_chunks(L, dir_all.reverse, chunk_rows());
+    const std::vector<Chunk> chunks = time_chunks(L, dir_all.reverse, train_chunk_rows(L));
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;

@@ -518,6 +518,25 @@ inline int64_t chunk_rows(int64_t row_bytes = 0) {
   return row_bytes > 0 ? std::max(kChunkRows, kInferChunkBytes / row_bytes) : kChunkRows;
 }
 
+// Training (the forward's chunked input projections, the backward's workspaces): kChunkRows rows, but for GRU and
+// RNN at most a kTrainChunkParts-th of the N packed rows. On short sequences a chunk of kChunkRows was the whole
+// sequence, a workspace as large as the saved activations it works on, and the peak memory of forward+backward
+// went over torch.nn's (GRU T10 B80 H256 9.63 against 8.67 MiB, RNN T5 B128 H64 0.63 against 0.53: 53 shapes of T
+// 5-50, B 1-128, H 64-512 over it, up to 1.18x; none with chunks of at most a quarter). A chunk has a fixed cost,
+// though (about 130 us on 2 threads: the loop's and each GEMM's fork and join), so more of them cost the shortest
+// calls: forward+backward T100 B1 H256, 25 rows a chunk / 100, 1.14 (LSTM and GRU). LSTM keeps kChunkRows: its
+// peak stays far below torch.nn's (no shape of that sweep over it).
+constexpr int64_t kTrainChunkParts = 4;
+
+inline int64_t train_chunk_rows(const Layout& L) {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_CHUNK_ROWS")) {
+    const long v = std::atol(e);
+    if (v > 0) return v;
+  }
+  if (L.mode == kLSTM) return kChunkRows;
+  return std::clamp<int64_t>((L.N + kTrainChunkParts - 1) / kTrainChunkParts, 1, kChunkRows);
+}
+
 struct Chunk {
   int64_t s0, s1;  // loop positions [s0, s1)
   int64_t r0, r1;  // packed rows [r0, r1)
