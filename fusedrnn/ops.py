@@ -143,9 +143,10 @@ rnn_layer.register_autograd(_backward, setup_context=_setup_context)
 # same saved tensors and gradients, without the custom op's Python dispatch (argument pytrees, defaults, the dynamo
 # wrapper), which costs about 60 us a forward call and 250 us a forward+backward, as much as a whole small layer
 # (an LSTMCell step in a decoder loop). Whenever something may be watching the op itself (torch.compile / export,
-# TorchScript tracing, a torch function or dispatch mode such as FakeTensorMode, a functorch transform, tensor
-# subclasses), `layer` calls the op as before. With grad mode off (no_grad, inference_mode) there is no graph to
-# record, and the eager path calls the body directly, without the autograd.Function either.
+# TorchScript tracing, a torch function or dispatch mode such as FakeTensorMode, tensor subclasses), `layer` calls
+# the op as before; functorch transforms take this path too (_FuncLayer). With grad mode off (no_grad,
+# inference_mode) there is no graph to record, and the eager path calls the body directly, without the
+# autograd.Function either.
 
 class _EagerLayer(torch.autograd.Function):
     @staticmethod
@@ -168,15 +169,38 @@ class _EagerLayer(torch.autograd.Function):
         return (None, gx, None, ghx, gcx, None, None, None, None, *gws)
 
 
+class _FuncLayer(_EagerLayer):
+    """_EagerLayer under functorch transforms (torch.func.grad, vjp over functional_call, as for torch.nn.LSTM):
+    forward and setup_context apart, the only form torch.func takes. The custom op cannot serve them in torch
+    2.11-2.13: the autograd.Function that register_autograd generates lacks setup_context, and torch.func refuses it
+    (pytorch/pytorch#170834). Plain eager autograd keeps _EagerLayer: this form's apply costs 15-25 us more a call."""
+
+    @staticmethod
+    def forward(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights):
+        return _layer_forward(mode, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, train,
+                              backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights = inputs
+        _setup_context(ctx, (mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend),
+                       output)
+        ctx.mark_non_differentiable(output[3])
+
+
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on the layer's gradients whose own backward raises: backward through a layer's backward is not
     implemented (the custom op says so the same way), and gradients without a graph would make a loss built on
     them (a gradient penalty) silently miss that term."""
 
     @staticmethod
-    def forward(ctx, n, *tensors):
+    def forward(n, *tensors):
         """tensors: the n gradients, then the layer's saved inputs (what makes the results part of the graph)."""
         return tuple(g.view_as(g) if g is not None else None for g in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # (the form functorch transforms take, see _FuncLayer)
+        pass
 
     @staticmethod
     def backward(ctx, *_):
@@ -192,9 +216,7 @@ def _plain_eager(tensors) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._functorch.maybe_current_level() is not None:
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    return all(t is None or type(t) in _PLAIN for t in tensors)  # (functorch's wrapped tensors are Tensors)
 
 
 def layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor],
@@ -204,7 +226,8 @@ def layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Te
     if _plain_eager((x, batch_sizes, hx, cx, *weights)):
         if not torch.is_grad_enabled():  # no graph to record (no_grad, inference_mode): the body alone
             return _layer_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend)
-        return _EagerLayer.apply(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights)
+        fn = _EagerLayer if torch._C._functorch.maybe_current_level() is None else _FuncLayer
+        return fn.apply(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights)
     return torch.ops.fusedrnn.rnn_layer(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train,
                                         backend)
 
