@@ -7,8 +7,9 @@ isinstance check in torch/_dynamo/variables/builder.py), while RNNBase gives the
 compilable. So `isinstance(m, nn.RNNBase)` holds and `isinstance(m, nn.LSTM)` does not.
 
 Every layer runs as one `torch.ops.fusedrnn.rnn_layer` call (fusedrnn/ops.py; in plain eager mode through
-ops.layer, an autograd.Function, the same code without the op's dispatch); weights are read by name at every
-forward, so parametrizations (weight_norm, ...) and `functional_call` see current values.
+ops.layer, an autograd.Function, the same code without the op's dispatch); weights are read at every forward as
+torch.nn reads them (_weights), so parametrizations (weight_norm, spectral_norm, ...) and `functional_call` see
+current values, evaluated as often as with torch.nn.
 """
 from __future__ import annotations
 
@@ -125,15 +126,24 @@ class _FusedRNNBase(nn.RNNBase):
         s = super().extra_repr()
         return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
 
-    def _layer_weights(self, layer: int) -> list[Tensor]:
-        D = 2 if self.bidirectional else 1
-        return [getattr(self, n) for names in self._all_weights[layer * D:(layer + 1) * D] for n in names]
+    def _weights(self) -> list[list[Tensor]]:
+        """The weights of each layer, read as torch.nn's forward reads them: its _update_flat_weights, which
+        evaluates a parametrized weight twice when it changed since the last call, then _flat_weights. So a
+        parametrization with state (spectral_norm's power iteration in training mode) advances as with torch.nn,
+        and gives the same weights. Under torch.compile, by name (torch.nn's weakref check is not traced)."""
+        if torch.compiler.is_compiling():
+            flat = [getattr(self, n) for n in self._flat_weights_names]
+        else:
+            self._update_flat_weights()
+            flat = self._flat_weights
+        n = len(flat) // self.num_layers
+        return [list(flat[layer * n:(layer + 1) * n]) for layer in range(self.num_layers)]
 
     def _run(self, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Tensor | None):
         """x [N, I] packed rows; hx [L*D, B, P]; cx [L*D, B, H] or None -> (y [N, D*P], hy, cy)."""
         D = 2 if self.bidirectional else 1
         mode = _MODES[self.mode]
-        weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
+        weights = self._weights()
         amp = autocast_dtype(x)
         if amp is not None:  # torch.autocast: cast as torch.nn's fused RNN ops do, outputs as torch.nn's (amp.py)
             out_dt = output_dtypes(mode, x.device.type, amp, hx.dtype, cx.dtype if cx is not None else None,
