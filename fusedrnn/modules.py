@@ -109,7 +109,23 @@ def _packed_batch(batch_sizes: Tensor, sorted_indices, unsorted_indices, hx):
 
 
 def _needs_grad(tensors) -> bool:
+    """Whether the layers keep what their backward needs (the op's `train`). torch.jit.trace records it as a constant,
+    and its check re-traces in another grad mode (a graph that differed was an error), so a trace says False: a
+    backward through a traced module recomputes its layers' forward (the op does when train was False)."""
+    if torch.jit.is_tracing():
+        return False
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _refuse_script(module: nn.Module):
+    """torch.jit.script calls __prepare_scriptable__ on every module before compiling it: a fusedrnn module's forward
+    is Python TorchScript cannot compile (the op's eager path, PackedSequence handling, autocast rules), and what it
+    failed on was an import deep in torch.onnx. Raise a clear error instead."""
+    name = type(module).__name__
+    raise RuntimeError(
+        f"fusedrnn.{name} cannot be compiled by torch.jit.script (its forward is Python that TorchScript does not "
+        f"support). Use torch.jit.trace, torch.compile or torch.export, which work; or script a model built with "
+        f"torch.nn.{name} (same parameters and state_dict: load this module's state_dict into it).")
 
 
 class _FusedRNNBase(nn.RNNBase):
@@ -118,6 +134,9 @@ class _FusedRNNBase(nn.RNNBase):
     def __init__(self, mode: str, *args, backend: str = "auto", **kwargs):
         super().__init__(mode, *args, **kwargs)
         self.backend = check_backend_name(backend)
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def flatten_parameters(self) -> None:
         """Kept for compatibility; fusedrnn reads the parameters where they are, so there is nothing to do."""
@@ -329,6 +348,9 @@ class _FusedCellBase(nn.RNNCellBase):
 
     def _init_backend(self, backend):
         self.backend = check_backend_name(backend)
+
+    def __prepare_scriptable__(self):
+        _refuse_script(self)
 
     def _cell(self, input: Tensor, hx):
         """input [B, I], hx tuple of [B, H] -> tuple of [B, H] (h,) or (h, c)."""

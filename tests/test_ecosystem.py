@@ -548,3 +548,35 @@ def test_spectral_norm_in_training_advances_as_with_torch_nn(kind):
         torch.testing.assert_close(po.original.grad, pr.original.grad, rtol=1e-9, atol=1e-10)
     ref.eval(), ours.eval()
     torch.testing.assert_close(flatten_out(ours(x)), flatten_out(ref(x)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(NN_CLASS))
+def test_jit_trace_save_load_matches_torch_nn(kind):
+    """torch.jit.trace (its own check on: it re-traces in another grad mode, which the op's `train` flag made a
+    different graph), run on another batch and sequence length, backward through the trace, torch.jit.save/load:
+    outputs and parameter gradients are torch.nn's. A loaded trace needs `import fusedrnn` (its ops)."""
+    import io
+    ref, ours = make_pair(kind, 5, 6, **({} if kind.endswith("Cell") else {"num_layers": 2}))
+    g = torch.Generator().manual_seed(4)
+    shape = (lambda T, B: (B, 5)) if kind.endswith("Cell") else (lambda T, B: (T, B, 5))
+    traced = torch.jit.trace(ours, (torch.randn(shape(4, 3), generator=g, dtype=torch.float64),))
+    x = torch.randn(shape(6, 2), generator=g, dtype=torch.float64)
+    got, want = flatten_out(traced(x)), flatten_out(ref(x))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    sum(t.sum() for t in got).backward()
+    sum(t.sum() for t in want).backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    torch.testing.assert_close(flatten_out(torch.jit.load(buf)(x)), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(NN_CLASS))
+def test_jit_script_is_a_clear_error(kind):
+    """torch.jit.script cannot compile the modules' Python forward: the error names the module and what works
+    (it was an unsupported import deep in torch.onnx), also for a fusedrnn module inside a model."""
+    ours = make_pair(kind, 5, 6)[1]
+    with pytest.raises(RuntimeError, match=rf"fusedrnn\.{kind} cannot be compiled by torch\.jit\.script.*jit\.trace"):
+        torch.jit.script(nn.Sequential(ours))
