@@ -112,10 +112,40 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _graph_grads(ctx, grad_y, grad_hy, grad_cy):
+    """The layer's gradients as a graph (create_graph=True: a gradient penalty, second-order MAML), so that a
+    backward through them is right: the reference forward (pure PyTorch ops, float32
+    for a half-precision layer) run again on the saved inputs and differentiated by autograd with create_graph.
+    Slower than the kernels' backward (a Python loop over the steps), and only taken when a graph is asked for.
+    Returns (gx, ghx, gcx, gws), None where an input needs no gradient."""
+    from .reference import forward as reference_forward
+    x, batch_sizes, hx, cx, _, _, *weights = ctx.saved_tensors
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    up = (lambda t: t.float() if t is not None and half else t)
+    inputs = [x, hx, cx if ctx.mode == "lstm" else None, *weights]
+    with torch.enable_grad():
+        y, hy, cy, _ = reference_forward(ctx.mode, up(x), batch_sizes, up(hx), up(inputs[2]), [up(w) for w in weights],
+                                         ctx.has_biases, ctx.num_directions, False)
+    pairs = [(o, g) for o, g in ((y, grad_y), (hy, grad_hy), (cy if ctx.mode == "lstm" else None, grad_cy))
+             if o is not None and g is not None and g.numel() and o.requires_grad]
+    wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    grads = [None] * len(inputs)
+    if pairs and wrt:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g.to(o.dtype) for o, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wrt, got):
+            grads[i] = g
+    gx, ghx, gcx, *gws = grads
+    return gx, ghx, gcx, gws
+
+
 def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve, forward=None, backward=None):
     """The layer's gradients, in the op's argument order. forward / backward: what computes them (default: the
     ops, as autograd of the op must; the eager path passes the plain bodies)."""
     forward = forward or torch.ops.fusedrnn.rnn_layer
+    if torch.is_grad_enabled():  # create_graph=True
+        gx, ghx, gcx, gws = _graph_grads(ctx, grad_y, grad_hy, grad_cy)
+        return (None, gx, None, ghx, gcx if ctx.mode == "lstm" else None, gws, None, None, None, None)
     backward = backward or torch.ops.fusedrnn.rnn_layer_backward
     x, batch_sizes, hx, cx, y, reserve, *weights = ctx.saved_tensors
     if not ctx.train:  # the forward kept no reserve (the modules never do this): recompute it
@@ -158,14 +188,9 @@ class _EagerLayer(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve):
-        with torch.no_grad():
-            _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
-                                                    _layer_backward)
-        grads = (gx, ghx, gcx, *gws)
-        if torch.is_grad_enabled():  # create_graph=True: gradients that refuse a second backward, as the op's do
-            grads = _NoDoubleBackward.apply(len(grads), *grads, *ctx.saved_tensors)
-        gx, ghx, gcx, *gws = grads
+    def backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve):  # (with create_graph=True, _graph_grads)
+        _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
+                                                _layer_backward)
         return (None, gx, None, ghx, gcx, None, None, None, None, *gws)
 
 
@@ -187,11 +212,22 @@ class _FuncLayer(_EagerLayer):
                        output)
         ctx.mark_non_differentiable(output[3])
 
+    @staticmethod
+    def backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve):
+        """The kernels' gradients, refusing a second derivative when a graph is asked for (functorch's backward
+        always asks): _graph_grads cannot serve here, the saved inputs are the transform's wrappers, and autograd
+        inside its backward found no path to them (zero gradients)."""
+        with torch.no_grad():
+            _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
+                                                    _layer_backward)
+        if torch.is_grad_enabled():
+            gx, ghx, gcx, *gws = _NoDoubleBackward.apply(3 + len(gws), gx, ghx, gcx, *gws, *ctx.saved_tensors)
+        return (None, gx, None, ghx, gcx, None, None, None, None, *gws)
+
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Identity on the layer's gradients whose own backward raises: backward through a layer's backward is not
-    implemented (the custom op says so the same way), and gradients without a graph would make a loss built on
-    them (a gradient penalty) silently miss that term."""
+    """Identity on the layer's gradients whose own backward raises (_FuncLayer): gradients without a graph would
+    make a nested transform silently miss that term."""
 
     @staticmethod
     def forward(n, *tensors):
@@ -206,6 +242,7 @@ class _NoDoubleBackward(torch.autograd.Function):
     def backward(ctx, *_):
         raise RuntimeError("fusedrnn: double backward (a backward through the gradients of an RNN layer, as "
                            "create_graph=True asks for) is not implemented")
+
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
