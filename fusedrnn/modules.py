@@ -375,10 +375,13 @@ class _FusedCellBase(nn.RNNCellBase):
         backend = resolve(self.backend, input.device, input.dtype, self._mode, False)
         steps = torch.full((1,), input.size(0), dtype=torch.int64)
         cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
-        _, hy, cy, _ = run_layer(
+        y, _, cy, _ = run_layer(
             self._mode, input, steps, hx[0].unsqueeze(0), cx, weights, self.bias, 1,
             _needs_grad([input, *hx, *weights]), backend)
-        out = (hy[0], cy[0]) if self._mode == "lstm" else (hy[0],)
+        # The new h is y (one step: the same values as hy), not hy: the layer's backward keeps y, so returning hy
+        # kept a second copy of h alive per step of a decoder loop (LSTMCell 9.3 H floats a row and step against
+        # torch.nn's 8.1).
+        out = (y, cy[0]) if self._mode == "lstm" else (y,)
         return out if amp is None else tuple(o.to(dt) for o, dt in zip(out, out_dt))
 
     def _cell_forward(self, input: Tensor, hx, n_states: int):
