@@ -525,8 +525,13 @@ inline int64_t chunk_rows(int64_t row_bytes = 0) {
 // 5-50, B 1-128, H 64-512 over it, up to 1.18x; none with chunks of at most a quarter). A chunk has a fixed cost,
 // though (about 130 us on 2 threads: the loop's and each GEMM's fork and join), so more of them cost the shortest
 // calls: forward+backward T100 B1 H256, 25 rows a chunk / 100, 1.14 (LSTM and GRU). LSTM keeps kChunkRows: its
-// peak stays far below torch.nn's (no shape of that sweep over it).
-constexpr int64_t kTrainChunkParts = 4;
+// peak stays far below torch.nn's (no shape of that sweep over it). From H = kMinTrainChunkH no chunk is under
+// kMinTrainChunkRows rows: at batch 1-2 a quarter of a short sequence was chunks of a few rows, each paying the
+// fixed cost (time with at least 64 rows / without, fwd+bwd: GRU T100 B1 H256 0.94, RNN 0.91). Below that H the
+// bound would put the peak over torch.nn's again (13 of 156 shapes of N < 256 rows, all H64, when it held for
+// every H); with it only where H >= 256 the sweep (GRU, RNN, T 2-100, B 1-32, H 64/256/512, N < 256) is as before:
+// all at or below torch.nn's but T2 B32 H64 (the known short-sequence gap).
+constexpr int64_t kTrainChunkParts = 4, kMinTrainChunkRows = 64, kMinTrainChunkH = 256;
 
 inline int64_t train_chunk_rows(const Layout& L) {
   if (const char* e = std::getenv("FUSEDRNN_CPU_CHUNK_ROWS")) {
@@ -534,7 +539,8 @@ inline int64_t train_chunk_rows(const Layout& L) {
     if (v > 0) return v;
   }
   if (L.mode == kLSTM) return kChunkRows;
-  return std::clamp<int64_t>((L.N + kTrainChunkParts - 1) / kTrainChunkParts, 1, kChunkRows);
+  const int64_t lo = L.H >= kMinTrainChunkH ? kMinTrainChunkRows : 1;
+  return std::clamp<int64_t>((L.N + kTrainChunkParts - 1) / kTrainChunkParts, lo, kChunkRows);
 }
 
 struct Chunk {
