@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
-from conftest import assert_low_precision, rel_err
+from conftest import assert_low_precision, conformance_backends, rel_err
 from helpers import NN_CLASS, flatten_out, make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -484,15 +484,13 @@ def test_onnx_export_runs_in_onnxruntime_like_eager():
 
 
 @pytest.mark.parametrize("kind", list(NN_CLASS))
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", conformance_backends())
 def test_torch_func_grad_and_vjp_match_torch_nn(kind, backend):
     """torch.func over functional_call, as meta-learning code (MAML) does with torch.nn.LSTM: grad in the
     parameters and the input, and vjp, agree with torch.nn's. (The custom op's generated autograd.Function is refused
     by torch.func in torch 2.11-2.13, pytorch/pytorch#170834; the modules' eager Function takes its place.) What
     needs batched or second derivatives (vmap, jacrev, hessian) raises a RuntimeError rather than return something
     wrong (docs/ecosystem.md)."""
-    if backend not in fusedrnn.available_backends():
-        pytest.skip(f"the {backend} backend is not built")
     ref, ours = make_pair(kind, 5, 6, backend=backend)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, generator=g, dtype=torch.float64) if kind.endswith("Cell") else \
