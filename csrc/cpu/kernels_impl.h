@@ -28,33 +28,58 @@ using Vec = at::vec::Vectorized<T>;
 // accumulator arrays of the micro-kernels stay on the stack and every FMA is followed by a store.
 #define UNROLL _Pragma("GCC unroll 16")
 
-// e^x for float vectors, inline: n = round(x log2 e), r = x - n ln2 (ln2 in two parts, |r| <= ln2 / 2), e^r =
-// 1 + r + r^2 P(r) with P of degree 5 (fitted for this kernel: minimax relative error 5e-11 before rounding), then
-// times 2^n (AVX-512: scalef; AVX2: two exact power-of-two products, so 2^n never leaves the normal range). x is
-// clamped to [-104, 89] first, beyond which e^x rounds to 0 or overflows to inf; NaN stays NaN (the clamps pass their
-// second operand through). Within 1.3 ulp of e^x (against double). ATen's exp (SLEEF, 1 ulp) is an out-of-line call
-// around which the gate passes spill their live vectors; its exp_u20 is inline but less accurate (the sigmoid below
-// measured 6.0 ulp with it near x = -87, 2.9 with this). Other builds and types: ATen's.
+// x86 min / max of float vectors returning b where either operand is NaN (the instructions' own rule), so a
+// clamp written min(hi, max(lo, x)) passes a NaN x through. at::vec::minimum / maximum propagate NaN from either
+// operand at the cost of three more instructions each, about a tenth of an exp.
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec<float> min_nan_b(const Vec<float>& a, const Vec<float>& b) { return _mm512_min_ps(a, b); }
+inline Vec<float> max_nan_b(const Vec<float>& a, const Vec<float>& b) { return _mm512_max_ps(a, b); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec<float> min_nan_b(const Vec<float>& a, const Vec<float>& b) { return _mm256_min_ps(a, b); }
+inline Vec<float> max_nan_b(const Vec<float>& a, const Vec<float>& b) { return _mm256_max_ps(a, b); }
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// e^r - 1 for |r| <= ln2 / 2 as r + r^2 P(r), P of degree 5 fitted (for these kernels) to the relative error of
+// e^r - 1, 2.2e-9 with the float coefficients (a 27th of float's half ulp); e^r's relative error is 6e-10. (A fit
+// to e^r's relative error alone, as before, leaves e^r - 1 a full ulp off near r = 0.06: tanh measured 2.4 ulp with
+// it; degree 4 fitted this way is 1.7e-8.)
+inline Vec<float> expm1_reduced(const Vec<float>& r) {
+  Vec<float> p(1.9845877250e-04f);
+  p = at::vec::fmadd(p, r, Vec<float>(1.3940617209e-03f));
+  p = at::vec::fmadd(p, r, Vec<float>(8.3333896473e-03f));
+  p = at::vec::fmadd(p, r, Vec<float>(4.1666362435e-02f));
+  p = at::vec::fmadd(p, r, Vec<float>(1.6666665673e-01f));
+  p = at::vec::fmadd(p, r, Vec<float>(0.5f));
+  return at::vec::fmadd(p, r * r, r);
+}
+
+// n = round(x log2 e) and r = x - n ln2 (ln2 in two parts, |r| <= ln2 / 2), so e^x = 2^n e^r.
+inline std::pair<Vec<float>, Vec<float>> exp_reduce(const Vec<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec<float> n =
+      _mm512_roundscale_ps(x * Vec<float>(1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  const Vec<float> n = _mm256_round_ps(x * Vec<float>(1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), x);  // ln2 = 0.693359375 - 2.12194440e-4 (+ ~1e-11)
+  r = at::vec::fmadd(n, Vec<float>(2.12194440054690583e-4f), r);
+  return {n, r};
+}
+#endif
+
+// e^x for float vectors, inline: e^x = 2^n (1 + expm1_reduced(r)), times 2^n (AVX-512: scalef; AVX2: two exact
+// power-of-two products, so 2^n never leaves the normal range). x is clamped to [-104, 89] first, beyond which e^x
+// rounds to 0 or overflows to inf; NaN stays NaN (min_nan_b). Within 1.3 ulp of e^x (against double). ATen's exp
+// (SLEEF, 1 ulp) is an out-of-line call around which the gate passes spill their live vectors; its exp_u20 is
+// inline but less accurate (the sigmoid below measured 6.0 ulp with it near x = -87, 2.9 with this). Other builds
+// and types: ATen's.
 template <typename T>
 inline Vec<T> exp_fast(const Vec<T>& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    const Vec<T> xc = at::vec::minimum(Vec<T>(89.f), at::vec::maximum(Vec<T>(-104.f), x));
-#if defined(CPU_CAPABILITY_AVX512)
-    const Vec<T> n =
-        _mm512_roundscale_ps(xc * Vec<T>(1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-    const Vec<T> n = _mm256_round_ps(xc * Vec<T>(1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#endif
-    Vec<T> r = at::vec::fmadd(n, Vec<T>(-0.693359375f), xc);  // ln2 = 0.693359375 - 2.12194440e-4 (+ ~1e-11)
-    r = at::vec::fmadd(n, Vec<T>(2.12194440054690583e-4f), r);
-    Vec<T> p(1.9790340316e-04f);
-    p = at::vec::fmadd(p, r, Vec<T>(1.3944645833e-03f));
-    p = at::vec::fmadd(p, r, Vec<T>(8.3334970149e-03f));
-    p = at::vec::fmadd(p, r, Vec<T>(4.1666295131e-02f));
-    p = at::vec::fmadd(p, r, Vec<T>(1.6666665869e-01f));
-    p = at::vec::fmadd(p, r, Vec<T>(5.0000000676e-01f));
-    const Vec<T> y = at::vec::fmadd(p, r * r, r + Vec<T>(1.f));
+    const auto [n, r] = exp_reduce(min_nan_b(Vec<T>(89.f), max_nan_b(Vec<T>(-104.f), x)));
+    const Vec<T> y = expm1_reduced(r) + Vec<T>(1.f);
 #if defined(CPU_CAPABILITY_AVX512)
     return _mm512_scalef_ps(y, n);
 #else
@@ -78,16 +103,53 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
   return one / (one + x.neg().exp_u20());
 }
 
-// tanh. float: ATen's tanh (SLEEF, 1 ulp) costs about 55 cycles per AVX2 vector and an LSTM step calls it twice
-// per unit, more than a third of the step at batch 16. This one costs about 32 (less with exp_fast: an AVX-512 LSTM
-// gate pass 57 -> 49 ns a vector) and stays within 2 ulp (measured over [-10, 10] against double): |x| < 0.5 by
-// the Taylor series of tanh through x^17 (truncation below 0.2 ulp), else 1 - 2 / (exp(2|x|) + 1) with the sign of
-// x (exp overflowing to inf gives exactly 1). NaN stays NaN, -0 stays -0. double keeps ATen's.
+// tanh. float (AVX2 / AVX-512): tanh |x| = m / (m + 2) with m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1)
+// (exp_reduce, expm1_reduced: no cancellation near 0, where m is 2|x| to a few ulp), |x| clamped to 10 (beyond,
+// tanh rounds to 1; m stays finite), the sign of x put back. Within 1.9 ulp against double (every float in [0,
+// 0.6], steps of 3e-6 over [-12, 12]); NaN stays NaN, -0 stays -0, +-inf gives +-1. One exp-like polynomial and
+// one division: the form before (1 - 2 / (e^(2|x|) + 1), below |x| 0.5 a Taylor polynomial through x^17, blended;
+// 1.6 ulp) evaluated both branches. LSTM gate pass, one core, 16 rows x H 256 from L1 (AVX-512, ns per vector of
+// units, best of 20 interleaved runs): 28.4 before, 23.5 with four vectors of units at a time (kGateVecs), 18.0
+// with this tanh as well; with the NaN-passing clamps of exp_fast too 14.3 (16.3 with the correction of m + 2). ATen's tanh (SLEEF,
+// 1 ulp) costs about 55 cycles per AVX2 vector. double keeps ATen's.
 template <typename T>
 inline Vec<T> tanh_(const Vec<T>& x) {
-  if constexpr (!std::is_same_v<T, float>) {
-    return x.tanh();
-  } else {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec<T> ax = x.abs();
+    const Vec<T> z = min_nan_b(Vec<T>(20.f), ax + ax);
+    const auto [n, r] = exp_reduce(z);
+    const Vec<T> q = expm1_reduced(r);
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec<T> s = _mm512_scalef_ps(Vec<T>(1.f), n);  // 2^n, n in [0, 29]
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000));
+#else
+    const Vec<T> s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                            _mm256_set1_epi32(127)), 23));
+    const __m256i sign = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x80000000));
+#endif
+    const Vec<T> m = at::vec::fmadd(s, q, s - Vec<T>(1.f));
+    // t = m / (m + 2), corrected for the rounding of d = m + 2: e = m + 2 - d exactly (the larger operand first),
+    // which alone was an ulp of t near the top of a binade (2.4 ulp in all without it). The correction t e / d
+    // takes d's reciprocal estimate (12-14 bits are plenty for a term of 2^-24 t).
+    const Vec<T> d = m + Vec<T>(2.f);
+    const Vec<T> e = (max_nan_b(m, Vec<T>(2.f)) - d) + min_nan_b(m, Vec<T>(2.f));
+    const Vec<T> t0 = m / d;
+#if defined(CPU_CAPABILITY_AVX512)
+    const Vec<T> t = _mm512_fnmadd_ps(t0 * e, _mm512_rcp14_ps(d), t0);
+#else
+    const Vec<T> t = _mm256_fnmadd_ps(t0 * e, _mm256_rcp_ps(d), t0);
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+#else
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(t), sign));
+#endif
+  }
+#endif
+  if constexpr (std::is_same_v<T, float>) {
+    // Baseline build: 1 - 2 / (e^(2|x|) + 1) with the sign of x, below |x| 0.5 the Taylor series of tanh through
+    // x^17 (truncation below 0.2 ulp); within 2 ulp (glibc's tanhf, ATen's fallback here, measured 2.06).
     const Vec<T> one(1.f), two(2.f), zero(0.f);
     const Vec<T> ax = x.abs();
     Vec<T> big = one - two / (exp_fast(ax + ax) + one);
@@ -104,6 +166,7 @@ inline Vec<T> tanh_(const Vec<T>& x) {
     const Vec<T> small = at::vec::fmadd(x * x2, p, x);
     return Vec<T>::blendv(big, small, ax < Vec<T>(0.5f));
   }
+  return x.tanh();
 }
 
 template <typename T>
@@ -139,14 +202,19 @@ inline void store_h(const FwdArgs<T>& a, int64_t j, int64_t k, const Vec<T>& h, 
 
 // ---- gate passes ------------------------------------------------------------------------------------------------
 
-// The forward gate passes take U = 2 vectors of units at a time, each statement for both before the next: a
-// vector's gates are one long dependency chain (exp, division, the tanh of the new c after all four gates), too long
-// for the out-of-order window to reach the next vector's on its own. Measured on one core, an LSTM step of 16 rows x
-// H 128 from L1 (AVX-512): 50-63 ns a vector against 58-78 one vector at a time; four at a time was no better than
-// one. In the modules (2 threads, forward, alternating call by call, time one at a time / two): GRU T500 B32 H128
-// 1.030, T100 B16 H256 1.017, LSTM T500 B32 H128 1.021, B16 1.006, B64 H512 1.025, RNN T200 1.004. The tail (under 2
-// whole vectors) runs one vector at a time, the last n lanes wide.
+// The forward gate passes take U vectors of units at a time, each statement for all U before the next: a vector's
+// gates are one long dependency chain (exp, division, the tanh of the new c after all four gates), too long for the
+// out-of-order window to reach the next vector's on its own. U = 4 under AVX-512 (its 32 registers hold an LSTM's
+// six live vectors a unit block four times over), else 2 (16 registers). Measured on one core, an LSTM step of 16
+// rows x H 256 from L1 (AVX-512, ns a vector of units, best of 20 interleaved runs): one at a time 24.1, two 22.4,
+// four 18.7 (with the tanh above; before it two 26.9, four 23.5). With two, in the modules (2 threads, forward,
+// time one at a time / two): GRU T500 B32 H128 1.030, T100 B16 H256 1.017, LSTM T500 B32 H128 1.021, B16 1.006,
+// B64 H512 1.025, RNN T200 1.004. What is left of a row runs two vectors, then one at a time, the last n lanes wide.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kGateVecs = 4;
+#else
 constexpr int kGateVecs = 2;
+#endif
 
 // Units [k, k + U*V) of row j (the last vector n valid lanes; whole vectors before it).
 template <typename T, int U>
@@ -185,22 +253,25 @@ inline void lstm_fwd_units(const FwdArgs<T>& a, int64_t j, int64_t k, int64_t n)
   }
 }
 
-// Rows [j0, j1), units [k0, k1): pairs(j, k) on kGateVecs whole vectors at a time, then single(j, k, n) on one
-// vector (n valid lanes) for what is left of the row.
-template <typename T, typename F2, typename F1>
-inline void gate_rows(int64_t j0, int64_t j1, int64_t k0, int64_t k1, const F2& pairs, const F1& single) {
+// Rows [j0, j1), units [k0, k1): units(j, k, n, U) on kGateVecs whole vectors at a time, then on two, then on one
+// (n valid lanes in the last vector) for what is left of the row. U is a std::integral_constant.
+template <typename T, typename F>
+inline void gate_rows(int64_t j0, int64_t j1, int64_t k0, int64_t k1, const F& units) {
   constexpr int64_t V = Vec<T>::size();
   for (int64_t j = j0; j < j1; ++j) {
     int64_t k = k0;
-    for (; k + kGateVecs * V <= k1; k += kGateVecs * V) pairs(j, k);
-    for (; k < k1; k += V) single(j, k, std::min(V, k1 - k));
+    for (; k + kGateVecs * V <= k1; k += kGateVecs * V) units(j, k, V, std::integral_constant<int, kGateVecs>{});
+    if constexpr (kGateVecs > 2)
+      for (; k + 2 * V <= k1; k += 2 * V) units(j, k, V, std::integral_constant<int, 2>{});
+    for (; k < k1; k += V) units(j, k, std::min(V, k1 - k), std::integral_constant<int, 1>{});
   }
 }
 
 template <typename T>
 void lstm_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
-  gate_rows<T>(j0, j1, k0, k1, [&](int64_t j, int64_t k) { lstm_fwd_units<T, kGateVecs>(a, j, k, Vec<T>::size()); },
-               [&](int64_t j, int64_t k, int64_t n) { lstm_fwd_units<T, 1>(a, j, k, n); });
+  gate_rows<T>(j0, j1, k0, k1, [&](int64_t j, int64_t k, int64_t n, auto u) {
+    lstm_fwd_units<T, decltype(u)::value>(a, j, k, n);
+  });
 }
 
 // tanh' = 1 - y^2 is computed as (1 - y)(1 + y) throughout: 1 - y*y rounds y*y first and, near |y| = 1, loses up
@@ -266,8 +337,9 @@ inline void gru_fwd_units(const FwdArgs<T>& a, int64_t j, int64_t k, int64_t n) 
 
 template <typename T>
 void gru_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
-  gate_rows<T>(j0, j1, k0, k1, [&](int64_t j, int64_t k) { gru_fwd_units<T, kGateVecs>(a, j, k, Vec<T>::size()); },
-               [&](int64_t j, int64_t k, int64_t n) { gru_fwd_units<T, 1>(a, j, k, n); });
+  gate_rows<T>(j0, j1, k0, k1, [&](int64_t j, int64_t k, int64_t n, auto u) {
+    gru_fwd_units<T, decltype(u)::value>(a, j, k, n);
+  });
 }
 
 template <typename T>
@@ -314,9 +386,9 @@ inline void rnn_fwd_units(const FwdArgs<T>& a, int64_t j, int64_t k, int64_t n) 
 
 template <typename T, bool kRelu>
 void rnn_fwd(const FwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
-  gate_rows<T>(j0, j1, k0, k1,
-               [&](int64_t j, int64_t k) { rnn_fwd_units<T, kRelu, kGateVecs>(a, j, k, Vec<T>::size()); },
-               [&](int64_t j, int64_t k, int64_t n) { rnn_fwd_units<T, kRelu, 1>(a, j, k, n); });
+  gate_rows<T>(j0, j1, k0, k1, [&](int64_t j, int64_t k, int64_t n, auto u) {
+    rnn_fwd_units<T, kRelu, decltype(u)::value>(a, j, k, n);
+  });
 }
 
 template <typename T, bool kRelu>
