@@ -195,6 +195,24 @@ def test_wide_panels(mode, B, proj, split, dtype, capability, monkeypatch):
     assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("split", ["hidden", "batch"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gate_pass_unit_groups(mode, split, dtype, capability, monkeypatch):
+    """The forward gate passes take four vectors of units at a time under AVX-512 (two under AVX2), then two,
+    then one, the last partly filled: H = 120 gives, with the batch split, one slice of 120 units a gate (float32
+    4 + 2 + 1 + a half vector; float64 4 + 4 + 4 + 2 + 1) and, with hidden slices, slices of 64 and 56 units
+    (float32 4 and 2 + 1 + a half). Training forward and backward (the LSTM backward's gate pass groups the same
+    way) and the inference forward against the reference; B = 9 for the batch split's row blocks."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", "persistent")
+    monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", split)
+    args, grads = make_case(mode, 1, 9, None, I=5, H=120, proj=0, dtype=torch.float64)
+    assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
+    ours = forward("cpu", cast_args(args, dtype), False)[:3]
+    ref = forward("reference", args, False)[:3]
+    assert_match(dict(zip("y hy cy".split(), ours)), dict(zip("y hy cy".split(), ref)), TOL[dtype])
+
+
 def _float32_train_and_inference_match_reference(mode, case):
     """The float32 cpu layer's training forward and backward, and its inference forward, against the float64
     reference to float32 rounding (I=20, H=24)."""
