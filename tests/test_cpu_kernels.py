@@ -421,8 +421,9 @@ def test_gil_released():
 
 
 def test_tanh_accuracy(capability):
-    """The kernels' float32 tanh (a Taylor series below 0.5, exp above) within 2 ulp of the float64 tanh over a
-    dense sweep, at the branch point, and exact on 0, +-inf, NaN, tiny and huge inputs (-0 becomes +0 before
+    """The kernels' float32 tanh (AVX2 / AVX-512: m / (m + 2), m = e^(2|x|) - 1, 1.65 ulp measured on this
+    sweep; the baseline build a Taylor series below 0.5, exp above) within 2 ulp of the float64 tanh over a
+    dense sweep, at the old branch point, and exact on 0, +-inf, NaN, tiny and huge inputs (-0 becomes +0 before
     tanh: the recurrent term adds +0, as in torch.nn). It runs through the op:
     an RNN (tanh) with I = H = 1, W_ih = 1, W_hh = 0 and no biases computes y = tanh(x) row by row."""
     specials = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, 0.4999999, 0.5, 0.50000006, -0.5, 9.0, 88.0, -88.0,
@@ -444,7 +445,7 @@ def test_tanh_accuracy(capability):
 
 def test_sigmoid_accuracy(capability):
     """The kernels' float32 sigmoid, 1 / (1 + e^-x) with the kernels' inline exp, within 3.5 ulp of the float64
-    sigmoid wherever it is a normal float (2.9 measured; ATen's exp_u20 in its place 6.0 near x = -87), exactly 1
+    sigmoid wherever it is a normal float (2.46 measured; ATen's exp_u20 in its place 6.0 near x = -87), exactly 1
     above 30, below the normal range 0 or the float of the true value, and NaN for NaN. It runs through the op: a
     GRU with I = H = 1, the input weight on the z gate only, W_hh = 0, no biases and h_prev = 1 computes
     n = tanh(0) = 0, so h = z + (1 - z) * 0 = sigmoid(x) row by row."""

@@ -70,10 +70,10 @@ inline std::pair<Vec<float>, Vec<float>> exp_reduce(const Vec<float>& x) {
 
 // e^x for float vectors, inline: e^x = 2^n (1 + expm1_reduced(r)), times 2^n (AVX-512: scalef; AVX2: two exact
 // power-of-two products, so 2^n never leaves the normal range). x is clamped to [-104, 89] first, beyond which e^x
-// rounds to 0 or overflows to inf; NaN stays NaN (min_nan_b). Within 1.3 ulp of e^x (against double). ATen's exp
-// (SLEEF, 1 ulp) is an out-of-line call around which the gate passes spill their live vectors; its exp_u20 is
-// inline but less accurate (the sigmoid below measured 6.0 ulp with it near x = -87, 2.9 with this). Other builds
-// and types: ATen's.
+// rounds to 0 or overflows to inf; NaN stays NaN (min_nan_b). Within 1.0 ulp of e^x against double (steps of 3e-6
+// over [-87, 88]; 1.23 with the fit before). ATen's exp (SLEEF, 1 ulp) is an out-of-line call around which the gate
+// passes spill their live vectors; its exp_u20 is inline but less accurate (the sigmoid below measured 6.0 ulp with
+// it near x = -87, 2.5 with this). Other builds and types: ATen's.
 template <typename T>
 inline Vec<T> exp_fast(const Vec<T>& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -105,13 +105,13 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
 
 // tanh. float (AVX2 / AVX-512): tanh |x| = m / (m + 2) with m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1)
 // (exp_reduce, expm1_reduced: no cancellation near 0, where m is 2|x| to a few ulp), |x| clamped to 10 (beyond,
-// tanh rounds to 1; m stays finite), the sign of x put back. Within 1.9 ulp against double (every float in [0,
-// 0.6], steps of 3e-6 over [-12, 12]); NaN stays NaN, -0 stays -0, +-inf gives +-1. One exp-like polynomial and
-// one division: the form before (1 - 2 / (e^(2|x|) + 1), below |x| 0.5 a Taylor polynomial through x^17, blended;
-// 1.6 ulp) evaluated both branches. LSTM gate pass, one core, 16 rows x H 256 from L1 (AVX-512, ns per vector of
+// tanh rounds to 1; m stays finite), the sign of x put back. Within 1.96 ulp against double (every float in [0,
+// 0.6], steps of 1e-6 up to 12); NaN stays NaN, -0 stays -0, +-inf gives +-1. One exp-like polynomial and one
+// division: the form before (1 - 2 / (e^(2|x|) + 1), below |x| 0.5 a Taylor polynomial through x^17, blended; 1.6
+// ulp) evaluated both branches. LSTM gate pass, one core, 16 rows x H 256 from L1 (AVX-512, ns per vector of
 // units, best of 20 interleaved runs): 28.4 before, 23.5 with four vectors of units at a time (kGateVecs), 18.0
-// with this tanh as well; with the NaN-passing clamps of exp_fast too 14.3 (16.3 with the correction of m + 2). ATen's tanh (SLEEF,
-// 1 ulp) costs about 55 cycles per AVX2 vector. double keeps ATen's.
+// with this tanh as well; with the NaN-passing clamps of exp_fast too 14.3 (16.3-17 with the correction of m + 2).
+// ATen's tanh (SLEEF, 1 ulp) costs about 55 cycles per AVX2 vector. double keeps ATen's.
 template <typename T>
 inline Vec<T> tanh_(const Vec<T>& x) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -137,12 +137,9 @@ inline Vec<T> tanh_(const Vec<T>& x) {
     const Vec<T> t0 = m / d;
 #if defined(CPU_CAPABILITY_AVX512)
     const Vec<T> t = _mm512_fnmadd_ps(t0 * e, _mm512_rcp14_ps(d), t0);
-#else
-    const Vec<T> t = _mm256_fnmadd_ps(t0 * e, _mm256_rcp_ps(d), t0);
-#endif
-#if defined(CPU_CAPABILITY_AVX512)
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
 #else
+    const Vec<T> t = _mm256_fnmadd_ps(t0 * e, _mm256_rcp_ps(d), t0);
     return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(t), sign));
 #endif
   }
