@@ -203,8 +203,9 @@ inline void store_h(const FwdArgs<T>& a, int64_t j, int64_t k, const Vec<T>& h, 
 // gates are one long dependency chain (exp, division, the tanh of the new c after all four gates), too long for the
 // out-of-order window to reach the next vector's on its own. U = 4 under AVX-512 (its 32 registers hold an LSTM's
 // six live vectors a unit block four times over), else 2 (16 registers). Measured on one core, an LSTM step of 16
-// rows x H 256 from L1 (AVX-512, ns a vector of units, best of 20 interleaved runs): one at a time 24.1, two 22.4,
-// four 18.7 (with the tanh above; before it two 26.9, four 23.5). With two, in the modules (2 threads, forward,
+// rows x H 256 from L1 (AVX-512, ns a vector of units, best of 20 interleaved runs; with an earlier form of the
+// tanh above): one at a time 24.1, two 22.4, four 18.7 (with the tanh before it two 26.9, four 23.5); the final
+// figures: `python benchmarks/gate_micro.py` (LSTM 16.8). With two, in the modules (2 threads, forward,
 // time one at a time / two): GRU T500 B32 H128 1.030, T100 B16 H256 1.017, LSTM T500 B32 H128 1.021, B16 1.006,
 // B64 H512 1.025, RNN T200 1.004. What is left of a row runs two vectors, then one at a time, the last n lanes wide.
 #if defined(CPU_CAPABILITY_AVX512)
