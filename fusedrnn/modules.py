@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .ops import layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
 from .backends import check_backend_name, resolve
-from .onnx import export_forward
+from .onnx import export_forward, in_export
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 # ATen's names for dtypes, used where torch.nn's error comes from ATen ("mat1 and mat2 must have the same dtype").
@@ -258,7 +258,7 @@ class _FusedRNNBase(nn.RNNBase):
         return input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim
 
     def _sequence_forward(self, input, hx, name: str):
-        if torch.onnx.is_in_onnx_export():  # export as torch.nn does: standard ONNX LSTM/GRU/RNN nodes (onnx.py)
+        if in_export():  # export as torch.nn does: standard ONNX LSTM/GRU/RNN nodes (onnx.py)
             return export_forward(self, input, hx, name)
         orig = input
         input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim = self._prepare(input, hx, name)
@@ -352,6 +352,19 @@ class _FusedCellBase(nn.RNNCellBase):
     def __prepare_scriptable__(self):
         _refuse_script(self)
 
+    def _weights(self) -> list[Tensor]:
+        """[weight_ih, weight_hh(, bias_ih, bias_hh)] as they are now. Read from _parameters, where torch.func's
+        functional_call swaps them too, on the classes themselves (about 2.5 us less a call than four
+        nn.Module.__getattr__, which a cell step in a decoder loop pays); by attribute where a subclass may define
+        them otherwise (parametrizations make a subclass, whose property computes the weight) or one is gone."""
+        names = _CELL_PARAMS if self.bias else _CELL_PARAMS[:2]
+        if type(self) in _CELL_CLASSES and not torch.compiler.is_compiling():
+            params = self._parameters
+            ws = [params.get(n) for n in names]
+            if all(w is not None for w in ws):
+                return ws
+        return [getattr(self, n) for n in names]
+
     def _cell(self, input: Tensor, hx):
         """input [B, I], hx tuple of [B, H] -> tuple of [B, H] (h,) or (h, c)."""
         if input.size(1) != self.input_size:
@@ -363,29 +376,29 @@ class _FusedCellBase(nn.RNNCellBase):
             if h.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, expected "
                                    f"{self.hidden_size}")
-        _check_same_dtype(input, self.weight_ih)
+        weights = self._weights()
+        _check_same_dtype(input, weights[0])
         for h in hx:
-            _check_same_dtype(h, self.weight_hh)
-        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+            _check_same_dtype(h, weights[1])
         _check_devices(input, hx, weights)
+        mode = self._mode
         amp = autocast_dtype(input)
         if amp is not None:  # torch.autocast: see amp.py
-            out_dt = output_dtypes(self._mode, input.device.type, amp, hx[0].dtype, hx[-1].dtype, False, True)
+            out_dt = output_dtypes(mode, input.device.type, amp, hx[0].dtype, hx[-1].dtype, False, True)
             input, hx, weights = cast(input, amp), tuple(cast(h, amp) for h in hx), [cast(w, amp) for w in weights]
-        backend = resolve(self.backend, input.device, input.dtype, self._mode, False)
-        steps = torch.full((1,), input.size(0), dtype=torch.int64)
+        backend = resolve(self.backend, input.device, input.dtype, mode, False)
         cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
         y, _, cy, _ = run_layer(
-            self._mode, input, steps, hx[0].unsqueeze(0), cx, weights, self.bias, 1,
+            mode, input, _steps(input.size(0)), hx[0].unsqueeze(0), cx, weights, self.bias, 1,
             _needs_grad([input, *hx, *weights]), backend)
         # The new h is y (one step: the same values as hy), not hy: the layer's backward keeps y, so returning hy
         # kept a second copy of h alive per step of a decoder loop (LSTMCell 9.3 H floats a row and step against
         # torch.nn's 8.1).
-        out = (y, cy[0]) if self._mode == "lstm" else (y,)
+        out = (y, cy[0]) if mode == "lstm" else (y,)
         return out if amp is None else tuple(o.to(dt) for o, dt in zip(out, out_dt))
 
     def _cell_forward(self, input: Tensor, hx, n_states: int):
-        if torch.onnx.is_in_onnx_export():  # export as torch.nn does (onnx.py)
+        if in_export():  # export as torch.nn does (onnx.py)
             return export_forward(self, input, hx, self._name)
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -407,6 +420,22 @@ class _FusedCellBase(nn.RNNCellBase):
         if not is_batched:
             out = tuple(o.squeeze(0) for o in out)
         return out if n_states == 2 else out[0]
+
+
+_CELL_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+# batch_sizes [B] of a cell's one step, per B (eager only): torch.full was about 1 us of each step's fixed cost.
+_STEPS: dict[int, Tensor] = {}
+
+
+def _steps(B) -> Tensor:
+    if torch.compiler.is_compiling() or not isinstance(B, int):
+        return torch.full((1,), B, dtype=torch.int64)
+    t = _STEPS.get(B)
+    if t is None:
+        if len(_STEPS) >= 256:
+            _STEPS.clear()
+        t = _STEPS[B] = torch.full((1,), B, dtype=torch.int64)
+    return t
 
 
 class LSTMCell(_FusedCellBase):
@@ -453,3 +482,6 @@ class RNNCell(_FusedCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         return self._cell_forward(input, hx, 1)
+
+
+_CELL_CLASSES = (LSTMCell, GRUCell, RNNCell)

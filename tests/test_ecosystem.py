@@ -578,3 +578,75 @@ def test_jit_script_is_a_clear_error(kind):
     ours = make_pair(kind, 5, 6)[1]
     with pytest.raises(RuntimeError, match=rf"fusedrnn\.{kind} cannot be compiled by torch\.jit\.script.*jit\.trace"):
         torch.jit.script(nn.Sequential(ours))
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("name", ["weight_hh", "bias_ih"])
+def test_cell_parametrizations_as_torch_nn(kind, name):
+    """A parametrized cell weight (torch.nn.utils.parametrize: the module becomes a subclass whose property computes
+    the weight) is read through the parametrization, not from the stored original (the cells read their weights from
+    _parameters only on the classes themselves): outputs and the original's gradient as torch.nn's, and a change of
+    the original shows."""
+    from torch.nn.utils import parametrize
+    ref, ours = make_pair(kind, 5, 6)
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, name, _Scale())
+    x, h = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    hx = (h, h.flip(0)) if kind == "LSTMCell" else h  # (W_hh multiplies h: a zero state would hide it)
+    outs = [flatten_out(m(x, hx)) for m in (ref, ours)]
+    for o, r in zip(outs[1], outs[0]):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    for m, out in zip((ref, ours), outs):
+        sum(o.sum() for o in out).backward()
+    orig = [getattr(m.parametrizations, name).original for m in (ref, ours)]
+    torch.testing.assert_close(orig[1].grad, orig[0].grad, rtol=1e-12, atol=1e-12)
+    before = flatten_out(ours(x, hx))[0]
+    with torch.no_grad():
+        orig[1].mul_(3)
+    assert not torch.allclose(flatten_out(ours(x, hx))[0], before)
+
+
+def test_cell_weights_follow_swaps_and_deletions():
+    """Cells read their weights at every call: a weight replaced in _parameters (as torch.func.functional_call swaps
+    them) is used, and a deleted one is torch.nn's AttributeError."""
+    ref, ours = make_pair("GRUCell", 4, 3)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    new = nn.Parameter(torch.randn_like(ours.weight_ih))
+    for m in (ref, ours):
+        m.weight_ih = new
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    for m in (ref, ours):
+        del m.weight_ih
+    with pytest.raises(AttributeError, match="weight_ih"):
+        ref(x)
+    with pytest.raises(AttributeError, match="weight_ih"):
+        ours(x)
+
+
+def test_onnx_export_flag_follows_torch():
+    """The modules' export check (fusedrnn.onnx.in_export, which reads the two exporter flags directly) says what
+    torch.onnx.is_in_onnx_export says, with either flag set."""
+    from fusedrnn.onnx import in_export
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        pytest.skip("this torch keeps the exporter flags elsewhere (in_export calls torch.onnx's function)")
+    assert in_export() is False and torch.onnx.is_in_onnx_export() is False
+    for flag in ("dynamo", "torchscript"):
+        try:
+            if flag == "dynamo":
+                _flags._is_onnx_exporting = True
+            else:
+                GLOBALS.in_onnx_export = True
+            assert torch.onnx.is_in_onnx_export() is True
+            assert in_export() is True
+        finally:
+            _flags._is_onnx_exporting = False
+            GLOBALS.in_onnx_export = False
+    assert in_export() is False
