@@ -235,7 +235,7 @@ def test_gemm_library(mode, case, library, bwd, monkeypatch):
     training) on BLAS or on torch's oneDNN matmul (FUSEDRNN_CPU_GEMM; the default on AMD CPUs), and the backward's
     GEMMs (weight gradients accumulated over time chunks, dW_hh from views of y and hx or a gathered H_prev,
     grad_x summed over two directions) on either (FUSEDRNN_CPU_GEMM_BWD; unset: oneDNN for LSTM where the forward
-    has it): the same results to float32 rounding, in several time chunks. oneDNN's fp32 matmul needs
+    has it, but BLAS for chunks as small as these): the same results to float32 rounding, in several time chunks. oneDNN's fp32 matmul needs
     AVX-512 (BW, VL, DQ): on such a CPU it must run, elsewhere the layers fall back to BLAS."""
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM", library)
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL_PROJ", "0")  # these chunks are small enough for the matrix-vector kernel
@@ -251,10 +251,11 @@ def test_gemm_library(mode, case, library, bwd, monkeypatch):
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
                                        ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("rnn_tanh", (1, 3, None, 0))])
 def test_small_input_projection(mode, case, rows, monkeypatch):
-    """Input projections of at most FUSEDRNN_CPU_SMALL_PROJ rows (default 16: a cell's step, short sequences) run
-    on the matrix-vector kernel, larger ones on the GEMM. All on the GEMM (0); inference chunks of 5-9 rows on
-    either and the training projection of the whole sequence on the GEMM (8); all on the kernel (1000): the same
-    forward and backward to float32 rounding, training (into the reserve's strided rows) and inference."""
+    """Input projections of at most FUSEDRNN_CPU_SMALL_PROJ rows (default 16, or 64 under 5 MFLOP: a cell's step,
+    short sequences) run on the matrix-vector kernel, larger ones on the GEMM. All on the GEMM (0); inference
+    chunks of 5-9 rows on either and the training projection of the whole sequence on the GEMM (8); all on the
+    kernel (1000): the same forward and backward to float32 rounding, training (into the reserve's strided rows)
+    and inference."""
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL_PROJ", rows)
     monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
     _float32_train_and_inference_match_reference(mode, case)

@@ -290,15 +290,21 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
 // Per-direction input-side biases, added in the gate pass: LSTM/RNN b_ih + b_hh; GRU b_ih + (b_hr, b_hz, 0) (b_hn
 // stays apart because r multiplies it). Returns [D*G*H]. (Added there, not by the input GEMM: addmm's bias is a
 // broadcast copy over the whole [rows, G*H] output before the GEMM, a pass of memory traffic per call.)
+template <typename T>
 Tensor input_bias(const Layout& L, const std::vector<Tensor>& ws) {
-  std::vector<Tensor> parts;
-  for (int64_t d = 0; d < L.D; ++d) {
-    Tensor b = L.b_ih(ws, d).clone();
-    if (L.mode == kGRU) b.narrow(0, 0, 2 * L.H).add_(L.b_hh(ws, d).narrow(0, 0, 2 * L.H));
-    else b.add_(L.b_hh(ws, d));
-    parts.push_back(b);
+  // One buffer filled by plain loops, not clone / add_ / cat: with hy and cy copied by memcpy, pointers for hx[d]
+  // and the reserve's rows, and no narrow of a whole tensor, the op for an RNNCell step at B1 H64 went 15.6 -> 10.3
+  // us (2 threads; the profiler's nested ATen ops a call from 24 to 6, the allocations).
+  const int64_t GH = L.G * L.H, n_hh = L.mode == kGRU ? 2 * L.H : GH;
+  Tensor out = at::empty({L.D * GH}, L.b_ih(ws, 0).options());
+  T* o = out.data_ptr<T>();
+  for (int64_t d = 0; d < L.D; ++d, o += GH) {
+    const T* bi = L.b_ih(ws, d).data_ptr<T>();
+    const T* bh = L.b_hh(ws, d).data_ptr<T>();
+    for (int64_t i = 0; i < n_hh; ++i) o[i] = bi[i] + bh[i];
+    for (int64_t i = n_hh; i < GH; ++i) o[i] = bi[i];
   }
-  return at::cat(parts);
+  return out;
 }
 
 // The bfloat16 input projection on AMX (AMX::mm, kernels_amx.cpp): W_ih packed into tiles, then tasks of 256
@@ -346,13 +352,20 @@ void amx_projection(const Tensor& out, const Tensor& x, const Tensor& w_ih) {
 // lookup) is most of so small a product. Modules, forward, AMD EPYC Zen 5, 2 threads, time with / without
 // (FUSEDRNN_CPU_SMALL_PROJ=64 or more / 0, alternated call by call, median of 40 rounds): LSTMCell H256 B1 0.70, B2 0.64, B4 0.64, B8 0.72,
 // B16 0.86, B32 0.96, B64 1.08; H512 B1 0.80, B8 0.75; GRUCell B1 0.67, B8 0.72; RNNCell B1 0.64; LSTM H256 B1 T2
-// 0.66, T8 0.80, T16 0.86, T32 0.94, T64 0.94, T100 1.26; GRU T100 B1 1.07. FUSEDRNN_CPU_SMALL_PROJ=rows overrides
-// it (0: the GEMM always).
-constexpr int64_t kSmallProjRows = 16;
+// 0.66, T8 0.80, T16 0.86, T32 0.94, T64 0.94, T100 1.26; GRU T100 B1 1.07. Up to kSmallProjMaxRows rows too
+// while the product is under kSmallProjFlops, where the GEMM call's fixed cost is still most of it (cells in
+// loops of 30 steps, forward, time with / without, alternating call by call, median of 14 rounds, by the
+// projection's flops): RNNCell B64 H64 (0.5 M) 0.77, B32 H128 (1.0 M) 0.64, B64 H128 (2.1 M) 0.72; GRUCell B32 H128
+// (3.1 M) 0.97; LSTMCell B32 H128 (4.2 M) 0.91; above it within the spread (LSTMCell B48 H128, 6.3 M, 1.01; B64
+// H128 1.06; B32 H256, 17 M, 1.00; GRUCell B64 H128 0.95; RNNCell B64 H256, 8.4 M, 0.91). FUSEDRNN_CPU_SMALL_PROJ=rows
+// overrides both (rows up to that many, any flops; 0: the GEMM always).
+constexpr int64_t kSmallProjRows = 16, kSmallProjMaxRows = 64;
+constexpr double kSmallProjFlops = 5e6;
 
-inline int64_t small_proj_rows() {
-  if (const char* e = std::getenv("FUSEDRNN_CPU_SMALL_PROJ")) return std::atol(e);
-  return kSmallProjRows;
+// Whether the input projection of m rows (x [m, k], W_ih [n, k]) runs on the matrix-vector kernel.
+inline bool small_proj(int64_t m, int64_t n, int64_t k) {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_SMALL_PROJ")) return m <= std::atol(e);
+  return m <= kSmallProjRows || (m <= kSmallProjMaxRows && 2.0 * m * n * k <= kSmallProjFlops);
 }
 
 template <typename T>
@@ -370,7 +383,8 @@ void small_projection(Tensor& out, const Tensor& x_, const Tensor& w_) {
 
 void input_projection(Tensor out, const Tensor& x, const Tensor& w_ih) {
   if (x.scalar_type() == out.scalar_type()) {
-    const bool small = x.size(0) > 0 && x.size(0) <= small_proj_rows() && x.size(1) > 0 && out.stride(1) == 1;
+    const bool small =
+        x.size(0) > 0 && x.size(1) > 0 && out.stride(1) == 1 && small_proj(x.size(0), w_ih.size(0), x.size(1));
     if (small && x.scalar_type() == at::kFloat) return small_projection<float>(out, x, w_ih);
     if (small && x.scalar_type() == at::kDouble) return small_projection<double>(out, x, w_ih);
     return dense_mm(out, x, w_ih.t());
@@ -419,7 +433,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const int64_t GH = L.G * L.H;
   const auto out_opts = half ? x.options() : opts;
   Tensor reserve = train ? alloc({L.D, L.N, L.R}, out_opts) : at::empty({0}, out_opts);
-  const Tensor bias = L.bias ? input_bias(L, ws) : Tensor();
+  const Tensor bias = L.bias ? input_bias<T>(L, ws) : Tensor();
   // The input projections. Training LSTM / GRU: for the whole sequence straight into the first G*H columns of each
   // direction's reserve rows, where the gate pass overwrites them in place with the activated gates (the reserve
   // row holds the gates at the same columns): no buffer of their own. Else chunk by chunk into one chunk-sized
@@ -429,7 +443,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     for (int64_t d = 0; d < L.D; ++d) input_projection(reserve[d].narrow(1, 0, GH), x, L.w_ih(ws, d));
   std::vector<Tensor> b_hn;
   if (L.mode == kGRU && L.bias)
-    for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d).narrow(0, 2 * L.H, L.H).contiguous());
+    for (int64_t d = 0; d < L.D; ++d) b_hn.push_back(L.b_hh(ws, d));  // (make_dir points at its n part)
 
   // half: y is allocated at its first chunk's cast, after a one-chunk inference call has let go of its projection
   // buffer (else the buffer, the float32 window and y would all be held at once; GRU T100 B16 H256 bfloat16
@@ -440,9 +454,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
     std::call_once(y_once, [&] { y = alloc({L.N, L.D * L.P}, out_opts); });
     return y;
   };
-  Tensor no_y = at::empty({0}, opts), no_res = at::empty({0}, opts);  // half: Dir's y and res are the windows
-  Tensor hy = hx.clone();
-  Tensor cy = L.mode == kLSTM ? cx.clone() : at::empty({0}, opts);
+  Tensor no_y, no_res;  // half: Dir's y and res are the windows
+  if (half) no_y = at::empty({0}, opts), no_res = at::empty({0}, opts);
+  // (hx and cx are contiguous: copied by memcpy, not clone's dispatch of empty_like and copy_)
+  auto copy_of = [](const Tensor& t) {
+    Tensor r = at::empty(t.sizes(), t.options());
+    if (t.numel()) std::memcpy(r.data_ptr(), t.data_ptr(), t.numel() * t.element_size());
+    return r;
+  };
+  Tensor hy = copy_of(hx);
+  Tensor cy = L.mode == kLSTM ? copy_of(cx) : at::empty({0}, opts);
   const bool small = small_batch(L, true);
   const bool parallel_dirs = directions_in_parallel(L, small, sizeof(T));
   const std::vector<int64_t> blocks =
@@ -451,8 +472,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir = half ? make_dir<T>(L, d, ws, b_hn, bias, hx, cx, no_y, no_res)
                             : make_dir<T>(L, d, ws, b_hn, bias, hx, cx, y, reserve);
-    T* c = L.mode == kLSTM ? cy[d].data_ptr<T>() : nullptr;
-    T* h = hy[d].data_ptr<T>();
+    T* c = L.mode == kLSTM ? cy.data_ptr<T>() + d * L.B * L.H : nullptr;
+    T* h = hy.data_ptr<T>() + d * L.B * L.P;
     const FwdScratch<T> scratch(L);
     // Split batch: every block's thread multiplies by all of W_hh (one slice); else each thread its own slice.
     const int64_t S = nblk > 1 ? 1 : small_slices(L);
@@ -472,7 +493,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
         forward_small(dr.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, buf, s0, s1, h, c, scratch, am);
       });
     };
-    if (in_reserve && !half) return loop(dir, RowBuf<T>{reserve[d].data_ptr<T>(), L.R, 0}, 0, L.T);
+    if (in_reserve && !half) return loop(dir, RowBuf<T>{reserve.data_ptr<T>() + d * L.N * L.R, L.R, 0}, 0, L.T);
     // Training chunks as the backward's (the input projections, or a half-precision layer's windows of the
     // reserve, are the large workspace); inference chunks of about kInferChunkBytes of input projections.
     const std::vector<Chunk> chunks =
@@ -507,8 +528,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
         input_projection(part.narrow(1, 0, GH), x.narrow(0, ch.r0, rows), L.w_ih(ws, d));
         buf = RowBuf<T>{part.data_ptr<T>(), L.R, ch.r0};
       } else {
-        Tensor part = xg.narrow(0, 0, rows);
-        input_projection(part, x.narrow(0, ch.r0, rows), L.w_ih(ws, d));
+        // (one chunk, as a cell's step: the tensors themselves, not narrow's dispatch)
+        Tensor part = rows == xg.size(0) ? xg : xg.narrow(0, 0, rows);
+        input_projection(part, ch.r0 == 0 && rows == L.N ? x : x.narrow(0, ch.r0, rows), L.w_ih(ws, d));
         buf = RowBuf<T>{part.data_ptr<T>(), GH, ch.r0};
       }
       loop(dw, buf, ch.s0, ch.s1);

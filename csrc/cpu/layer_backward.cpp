@@ -207,13 +207,21 @@ void gather_h_prev(const Dir<T>& dir, const Chunk& ch, T* out) {
 // blocked layout, which put RNN's forward+backward peak memory above torch.nn's (T100 B4 H512 5.36 against
 // 4.59 MiB, T10 B16 H256 1.19 against 1.11) while LSTM's stays far below torch.nn's. GRU's gate gradients are
 // 4H wide (the n part's two halves), so its dG_r,z,n columns are not a matrix oneDNN reads in place.
+// Small chunks stay on BLAS, though: oneDNN's fixed cost a call (about 10 us; its products' K is the chunk's rows,
+// 1 to B for a cell's step) outweighs its speed below kBwdDnnlMinFlops of the chunk's three products. LSTMCell
+// loops of 30 steps, forward+backward, time BLAS / oneDNN alternating call by call (median of 14 rounds), by the
+// chunk's flops: B1 H64 (0.1 M) 0.69, B1 H128 0.70, B1 H256 (1.6 M) 0.95, B16 H64 0.79, B8 H128 (3.1 M) 0.86, B1
+// H512 (6.3 M) 0.70, B4 H256 1.07, B16 H128 0.93, B64 H64 0.94; B32 H128 (12.6 M) 0.93, B16 H256 (25 M) 1.14.
 // FUSEDRNN_CPU_GEMM_BWD=onednn|blas overrides (benchmarks, tests).
-bool bwd_onednn(const Layout& L) {
+constexpr double kBwdDnnlMinFlops = 8e6;
+
+bool bwd_onednn(const Layout& L, int64_t rows) {
   if (const char* e = std::getenv("FUSEDRNN_CPU_GEMM_BWD")) {
     if (std::strcmp(e, "onednn") == 0) return true;
     if (std::strcmp(e, "blas") == 0) return false;
   }
-  return L.mode == kLSTM && onednn_matmul() != nullptr;
+  const double flops = 2.0 * rows * L.G * L.H * (2 * L.I + L.P);  // dW_ih, grad_x, dW_hh
+  return L.mode == kLSTM && onednn_matmul() != nullptr && flops >= kBwdDnnlMinFlops;
 }
 
 // out = a b, or out += a b after the first chunk; dnnl: on oneDNN where it reads the operands in place.
@@ -221,6 +229,12 @@ void mm_acc(Tensor out, const Tensor& a, const Tensor& b, bool first, bool dnnl)
   if (dnnl) return dense_mm(out, a, b, first ? 0.f : 1.f);
   if (first) at::mm_out(out, a, b);
   else out.addmm_(a, b);
+}
+
+// t.narrow(dim, start, length), or t itself where that is all of it: a cell's one step (a single chunk) otherwise
+// paid a dozen narrow dispatches a call, a few microseconds of its fixed cost.
+inline Tensor part_of(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == t.size(dim) ? t : t.narrow(dim, start, length);
 }
 
 // dW_hh (+)= dG^T H_prev over a chunk's rows when every step has the whole batch (B rows): the h_prev of packed
@@ -236,12 +250,13 @@ void w_hh_grad_uniform(const Dir<T>& dir, const Chunk& ch, const Tensor& dg, con
   const int64_t h_lo = dir.reverse ? std::max(ch.r0, N - B) : ch.r0;
   const int64_t h_hi = dir.reverse ? ch.r1 : std::min(ch.r1, B);
   if (lo < hi) {
-    mm_acc(g_hh, dg.narrow(0, lo - ch.r0, hi - lo).t(), y_d.narrow(0, dir.reverse ? lo + B : lo - B, hi - lo), first, dnnl);
+    mm_acc(g_hh, part_of(dg, 0, lo - ch.r0, hi - lo).t(), part_of(y_d, 0, dir.reverse ? lo + B : lo - B, hi - lo), first,
+           dnnl);
     first = false;
   }
   if (h_lo < h_hi)
-    mm_acc(g_hh, dg.narrow(0, h_lo - ch.r0, h_hi - h_lo).t(),
-           hx_d.narrow(0, dir.reverse ? h_lo - (N - B) : h_lo, h_hi - h_lo), first, dnnl);
+    mm_acc(g_hh, part_of(dg, 0, h_lo - ch.r0, h_hi - h_lo).t(),
+           part_of(hx_d, 0, dir.reverse ? h_lo - (N - B) : h_lo, h_hi - h_lo), first, dnnl);
 }
 
 template <typename T>
@@ -294,7 +309,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   Tensor y_mut = half ? at::empty({0}, opts) : y;
   Tensor res_dir = half ? at::empty({0}, opts) : reserve;
   const bool uniform = L.B > 0 && L.T > 0 && L.bs[L.T - 1] == L.B;  // every step has the whole batch
-  const bool dnnl = std::is_same_v<T, float> && bwd_onednn(L);
+  int64_t chunk_max = 0;  // rows of the largest time chunk (either direction's chunks have about as many)
+  for (const Chunk& ch : time_chunks(L, false, train_chunk_rows(L))) chunk_max = std::max(chunk_max, ch.r1 - ch.r0);
+  const bool dnnl = std::is_same_v<T, float> && bwd_onednn(L, chunk_max);
   // dW_hh from views of y and hx where every step has the whole batch; else from H_prev gathered per chunk. Also
   // gathered for two directions on oneDNN: a direction's columns of y are not a matrix it reads in place (BLAS
   // would take them; forward+backward time gathered on oneDNN / views on BLAS, EPYC Zen 5: LSTM bidirectional T100
@@ -357,15 +374,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         });
       }
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
-      const Tensor buf = dg.narrow(0, 0, rows);
-      const Tensor dg_c = buf.narrow(1, 0, GH);
-      mm_acc(g_ih, dg_c.t(), x.narrow(0, ch.r0, rows).to(opts.dtype()), first, dnnl);
+      const Tensor buf = part_of(dg, 0, 0, rows);
+      const Tensor dg_c = part_of(buf, 1, 0, GH);
+      mm_acc(g_ih, dg_c.t(), part_of(x, 0, ch.r0, rows).to(opts.dtype()), first, dnnl);
       if (!hprev_views) gather_h_prev(dir, ch, hprev.data_ptr<T>());
       for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
-        Tensor g_part = g_hh.narrow(0, part.wrow, part.R);
-        const Tensor d_part = buf.narrow(1, part.col, part.R);
-        if (hprev_views) w_hh_grad_uniform(dir, ch, d_part, y.narrow(1, d * L.P, L.P), hx[d], g_part, first, dnnl);
-        else mm_acc(g_part, d_part.t(), hprev.narrow(0, 0, rows), first, dnnl);
+        Tensor g_part = part_of(g_hh, 0, part.wrow, part.R);
+        const Tensor d_part = part_of(buf, 1, part.col, part.R);
+        if (hprev_views) w_hh_grad_uniform(dir, ch, d_part, part_of(y, 1, d * L.P, L.P), hx[d], g_part, first, dnnl);
+        else mm_acc(g_part, d_part.t(), part_of(hprev, 0, 0, rows), first, dnnl);
       }
       if (gx_chunks) {
         if (!gx_buf.defined()) gx_buf = alloc({max_rows, L.I}, opts);
@@ -373,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         mm_acc(gx, dg_c, L.w_ih(ws, d), true, dnnl);
         grad_x.narrow(0, ch.r0, rows).copy_(gx);
       } else {
-        Tensor gx = (d == 0 || !parallel_dirs ? grad_x : grad_x_rev).narrow(0, ch.r0, rows);
+        Tensor gx = part_of(d == 0 || !parallel_dirs ? grad_x : grad_x_rev, 0, ch.r0, rows);
         mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs, dnnl);
       }
       if (L.bias) {

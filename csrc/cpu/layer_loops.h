@@ -323,13 +323,14 @@ Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const
   r.reverse = d == 1;
   r.w_hh = L.w_hh(ws, d).data_ptr<T>();
   r.w_hr = L.proj ? L.w_hr(ws, d).data_ptr<T>() : nullptr;
-  r.b_hn = b_hn.empty() ? nullptr : b_hn[d].data_ptr<T>();
+  r.b_hn = b_hn.empty() ? nullptr : b_hn[d].data_ptr<T>() + 2 * L.H;  // b_hn: each direction's whole b_hh
   r.bias = bias.defined() ? bias.data_ptr<T>() + d * L.G * L.H : nullptr;
-  r.hx = hx[d].data_ptr<T>();
-  r.cx = L.mode == kLSTM ? cx[d].data_ptr<T>() : nullptr;
+  // (pointer arithmetic, not hx[d]: each select is a dispatcher op, a cell step's fixed cost)
+  r.hx = hx.data_ptr<T>() + d * L.B * L.P;
+  r.cx = L.mode == kLSTM ? cx.data_ptr<T>() + d * L.B * L.H : nullptr;
   r.y = y.data_ptr<T>();
   r.ldy = L.D * L.P;
-  r.res = reserve.numel() && L.R ? reserve[d].data_ptr<T>() : nullptr;
+  r.res = reserve.numel() && L.R ? reserve.data_ptr<T>() + d * L.N * L.R : nullptr;
   r.j0 = 0;
   r.nrows = L.B;
   return r;

@@ -32,7 +32,7 @@ def _cpu_backend(c) -> str:
     if not c:
         return "-"
     return (f"{c.get('capability')} kernels, float32 input projections on {c.get('gemm')}"
-            f"{' (and LSTM backward, per-step products above batch 64)' if c.get('gemm') == 'onednn' else ''}, "
+            f"{' (and LSTM backward but small chunks, per-step products above batch 64)' if c.get('gemm') == 'onednn' else ''}, "
             f"AMX {'yes' if c.get('amx') else 'no'}")
 
 
