@@ -5,9 +5,9 @@ The contract every backend implements is in docs/design.md. A backend registers 
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._env import env
 
 MODES = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -99,7 +99,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, mode: str,
     An explicit request is never silently replaced: if it cannot run this input, the error says why.
     """
     if requested == "auto":
-        requested = os.environ.get("FUSEDRNN_BACKEND", "auto") or "auto"
+        requested = env("FUSEDRNN_BACKEND", "auto") or "auto"
     if requested != "auto":
         b = get_backend(requested)
         if not b.available():

@@ -26,17 +26,18 @@ The mode costs one extra memory pass per buffer; it is for tests (tests/test_deb
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
+
+from ._env import env
 
 ENV_VAR = "FUSEDRNN_DEBUG_NAN"
 
 
 def nan_fill_enabled() -> bool:
     """True when FUSEDRNN_DEBUG_NAN is set to a value other than "" or "0" (read now, not at import)."""
-    return os.environ.get(ENV_VAR, "") not in ("", "0")
+    return env(ENV_VAR, "") not in ("", "0")
 
 
 def fill_nan_(t: Tensor) -> Tensor:

@@ -274,3 +274,23 @@ def test_auto_on_cuda_runs_only_gpu_verified_backends(monkeypatch):
     got = backends.resolve("auto", torch.device("cuda"), torch.float32, "lstm", False)
     assert got in backends.GPU_VERIFIED + ("reference",)
     assert "cuda" not in backends.GPU_VERIFIED and "triton" not in backends.GPU_VERIFIED
+
+
+def test_env_reads_follow_os_environ(monkeypatch):
+    """fusedrnn._env.env (the per-call reads of FUSEDRNN_BACKEND and FUSEDRNN_DEBUG_NAN, from os.environ's own
+    dict) sees what os.environ.get sees as variables are set, changed and removed, non-ASCII values included."""
+    from fusedrnn._env import env
+    name = "FUSEDRNN_TEST_ENV_READ"
+    monkeypatch.delenv(name, raising=False)
+    assert env(name, "dflt") == "dflt" == os.environ.get(name, "dflt")
+    for value in ("1", "", "caf\u00e9", "x" * 300):
+        monkeypatch.setenv(name, value)
+        assert env(name, "dflt") == value == os.environ.get(name, "dflt")
+    monkeypatch.delenv(name)
+    assert env(name) == ""
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "reference")  # the modules' auto now runs the reference, read per call
+    m = fusedrnn.LSTMCell(3, 4)
+    assert fusedrnn.backends.resolve(m.backend, torch.device("cpu"), torch.float32, "lstm", False) == "reference"
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "no-such-backend")
+    with pytest.raises(RuntimeError, match="no-such-backend"):
+        m(torch.randn(2, 3))
