@@ -100,8 +100,9 @@ def test_the_growth_check_catches_a_small_leak(one_thread):
     """One retained output per iteration ([8, 4, 16] float64: a tensor object and 4 KiB) is caught by the object
     count (the RSS may not move: the allocator reuses memory freed during the warm-up)."""
     rss, objects = _growth("reference", 300, leak=True)
-    # 200 leaked tensors; a few of the window's other objects come and go (199 seen), far above the slack either way
-    assert objects >= 190 > OBJECT_SLACK, objects
+    # 200 leaked tensors; some of the window's other objects come and go (alone 199 seen, in the full suite once
+    # 181: objects of earlier tests freed in the window), above the slack either way, which is what the check needs
+    assert objects > OBJECT_SLACK + 50, objects
 
 
 # ---- bytes saved for backward ---------------------------------------------------------------------------------------
