@@ -40,7 +40,7 @@ def _version() -> str:
 
 
 def _cpu_extension():
-    sources = ["csrc/fusedrnn.cpp", "csrc/cpu/layer.cpp", "csrc/cpu/layer_backward.cpp",
+    sources = ["csrc/fusedrnn.cpp", "csrc/cpu/layer.cpp", "csrc/cpu/layer_backward.cpp", "csrc/cpu/cell.cpp",
                "csrc/cpu/kernels_default.cpp"]
     if not IS_X86:  # compiled without their flags they provide no kernels (nullptr tables)
         sources += [src for srcs, _ in ISA_SOURCES.values() for src in srcs]

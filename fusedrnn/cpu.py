@@ -98,6 +98,21 @@ def _register_fakes() -> None:
         gcx = x.new_empty(cx.shape) if mode == "lstm" else x.new_empty(0)
         return x.new_empty(x.shape), x.new_empty(hx.shape), gcx, [w.new_empty(w.shape) for w in weights]
 
+    # One cell step (csrc/cpu/cell.cpp): x [B, I], hx [B, H], cx [B, H] (LSTM) -> h [B, H], c [B, H] or [0],
+    # reserve [1, B, R] (train) or [0].
+    @torch.library.register_fake("fusedrnn::cpu_cell")
+    def _cell_fake(mode: str, x: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], has_biases: bool,
+                   train: bool):
+        B, H = hx.shape[0], weights[1].shape[0] // GATES[mode]
+        reserve = x.new_empty(1, B, _RESERVE[mode] * H) if train else x.new_empty(0)
+        return x.new_empty(B, H), x.new_empty(B, H) if mode == "lstm" else x.new_empty(0), reserve
+
+    @torch.library.register_fake("fusedrnn::cpu_cell_backward")
+    def _cell_backward_fake(mode: str, grad_h: Tensor, grad_c: Tensor, x: Tensor, hx: Tensor, cx: Optional[Tensor],
+                            weights: list[Tensor], has_biases: bool, h: Tensor, reserve: Tensor):
+        gcx = x.new_empty(cx.shape) if mode == "lstm" else x.new_empty(0)
+        return x.new_empty(x.shape), x.new_empty(hx.shape), gcx, [w.new_empty(w.shape) for w in weights]
+
 
 if _C is not None:
     _register_fakes()
