@@ -49,13 +49,19 @@ _BACKENDS: dict[str, Backend] = {}
 _MISSING: dict[str, str] = {}
 
 
+# Bumped at every change of the registry, so that a cache of resolved names (fusedrnn/modules.py) can tell.
+GENERATION = [0]
+
+
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
     _MISSING.pop(backend.name, None)
+    GENERATION[0] += 1
 
 
 def note_missing(name: str, how_to_get_it: str) -> None:
     """Record that backend `name` is not usable here and how a user gets it."""
+    GENERATION[0] += 1
     if name not in _BACKENDS:
         _MISSING[name] = how_to_get_it
 

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .ops import layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
+from . import debug
+from .ops import _PLAIN, _plain_eager, layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
-from .backends import check_backend_name, resolve
+from ._env import env
+from .backends import AUTO_ORDER, GENERATION, check_backend_name, resolve
 from .onnx import export_forward, in_export
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
@@ -367,6 +369,17 @@ class _FusedCellBase(nn.RNNCellBase):
 
     def _cell(self, input: Tensor, hx):
         """input [B, I], hx tuple of [B, H] -> tuple of [B, H] (h,) or (h, c)."""
+        weights = self._weights()
+        mode = self._mode
+        if _cpu_cell_step(self, mode, input, hx, weights):
+            # One dispatcher call whose autograd node is in C++ (csrc/cpu/cell.cpp): a decoder loop pays this
+            # path's fixed cost at every step.
+            h, c, _ = _cpu_cell()(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
+            return (h, c) if mode == "lstm" else (h,)
+        return self._cell_general(input, hx, weights, mode)
+
+    def _cell_general(self, input: Tensor, hx, weights, mode):
+        """_cell through the layer op, with torch.nn's errors for bad input."""
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for k, h in enumerate(hx):
@@ -376,17 +389,19 @@ class _FusedCellBase(nn.RNNCellBase):
             if h.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, expected "
                                    f"{self.hidden_size}")
-        weights = self._weights()
         _check_same_dtype(input, weights[0])
         for h in hx:
             _check_same_dtype(h, weights[1])
         _check_devices(input, hx, weights)
-        mode = self._mode
         amp = autocast_dtype(input)
         if amp is not None:  # torch.autocast: see amp.py
             out_dt = output_dtypes(mode, input.device.type, amp, hx[0].dtype, hx[-1].dtype, False, True)
             input, hx, weights = cast(input, amp), tuple(cast(h, amp) for h in hx), [cast(w, amp) for w in weights]
         backend = resolve(self.backend, input.device, input.dtype, mode, False)
+        if backend == "cpu" and input.size(0) and _cell_op_applies(input, hx, weights):  # (autocast, as cast)
+            h, c, _ = _cpu_cell()(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
+            out = (h, c) if mode == "lstm" else (h,)
+            return out if amp is None else tuple(o.to(dt) for o, dt in zip(out, out_dt))
         cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
         y, _, cy, _ = run_layer(
             mode, input, _steps(input.size(0)), hx[0].unsqueeze(0), cx, weights, self.bias, 1,
@@ -420,6 +435,56 @@ class _FusedCellBase(nn.RNNCellBase):
         if not is_batched:
             out = tuple(o.squeeze(0) for o in out)
         return out if n_states == 2 else out[0]
+
+
+def _cell_op_applies(input: Tensor, hx, weights) -> bool:
+    """Whether a cpu cell step may run as torch.ops.fusedrnn.cpu_cell: in plain eager mode only (the op's autograd
+    is a C++ Function, which functorch transforms refuse; torch.compile, tracing, modes and tensor subclasses see
+    the layer op as before), and not in the debug mode (whose checks wrap the layer op)."""
+    return (_plain_eager((input, *hx, *weights)) and torch._C._functorch.maybe_current_level() is None
+            and not debug.nan_fill_enabled())
+
+
+def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
+    """Whether this step runs as torch.ops.fusedrnn.cpu_cell straight away: the common case (CPU tensors of one
+    dtype, shapes that fit, no autocast, `cpu` the backend, _cell_op_applies), told apart in a few attribute reads.
+    Anything else takes _cell_general, whose checks give torch.nn's errors (each condition here is one of them
+    passing, or a case it handles)."""
+    if type(input) is not Tensor or not input.is_cpu:
+        return False
+    B, n_in = input.shape
+    if n_in != cell.input_size or B == 0 or torch._C._is_any_autocast_enabled():
+        return False
+    dt, shape = input.dtype, (B, cell.hidden_size)
+    for h in hx:
+        if type(h) is not Tensor or h.shape != shape or h.dtype != dt or not h.is_cpu:
+            return False
+    for w in weights:
+        if type(w) not in _PLAIN or w.dtype != dt or not w.is_cpu:
+            return False
+    key = (cell.backend, env("FUSEDRNN_BACKEND"), dt, mode, GENERATION[0], AUTO_ORDER.get("cpu"))
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        if len(_RESOLVED) > 64:
+            _RESOLVED.clear()
+        try:
+            backend = _RESOLVED[key] = resolve(cell.backend, input.device, dt, mode, False)
+        except RuntimeError:  # (_cell_general raises it)
+            return False
+    return (backend == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.maybe_current_level() is None and not debug.nan_fill_enabled())
+
+
+# resolve()'s answers for CPU cells, keyed by what they depend on (the registry by its generation).
+_RESOLVED: dict = {}
+_CPU_CELL = []
+
+
+def _cpu_cell():
+    if not _CPU_CELL:
+        _CPU_CELL.append(torch.ops.fusedrnn.cpu_cell.default)
+    return _CPU_CELL[0]
 
 
 _CELL_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

@@ -230,8 +230,9 @@ def test_eager_path_is_left_under_fake_tensors_and_dispatch_modes():
 @pytest.mark.parametrize("backend", conformance_backends())
 @pytest.mark.parametrize("watch", [False, True], ids=["eager", "op"])
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("LSTM", {"proj_size": 2}), ("GRU", {}), ("RNN", {}),
-                                     ("LSTMCell", {}), ("GRUCell", {})], ids=["lstm", "proj", "gru", "rnn", "lstmcell",
-                                                                               "grucell"])
+                                     ("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}),
+                                     ("RNNCell", {"nonlinearity": "relu"})],
+                         ids=["lstm", "proj", "gru", "rnn", "lstmcell", "grucell", "rnncell", "rnncell-relu"])
 def test_double_backward_matches_torch_nn(kind, kw, watch, backend):
     """create_graph=True, as a gradient penalty (WGAN-GP) or second-order MAML asks: gradients with a graph whose
     backward gives torch.nn's second derivatives, for x, h0 and every parameter, on both paths (the eager Function
