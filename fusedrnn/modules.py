@@ -372,11 +372,14 @@ class _FusedCellBase(nn.RNNCellBase):
         weights = self._weights()
         mode = self._mode
         if _cpu_cell_step(self, mode, input, hx, weights):
-            # One dispatcher call whose autograd node is in C++ (csrc/cpu/cell.cpp): a decoder loop pays this
-            # path's fixed cost at every step.
-            h, c, _ = _cpu_cell()(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
-            return (h, c) if mode == "lstm" else (h,)
+            return self._cpu_cell(mode, input, hx, weights)
         return self._cell_general(input, hx, weights, mode)
+
+    def _cpu_cell(self, mode, input, hx, weights):
+        """The step as one dispatcher call whose autograd node is in C++ (csrc/cpu/cell.cpp): a decoder loop pays
+        this path's fixed cost at every step."""
+        h, c, _ = _cpu_cell()(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
+        return (h, c) if mode == "lstm" else (h,)
 
     def _cell_general(self, input: Tensor, hx, weights, mode):
         """_cell through the layer op, with torch.nn's errors for bad input."""
@@ -398,9 +401,8 @@ class _FusedCellBase(nn.RNNCellBase):
             out_dt = output_dtypes(mode, input.device.type, amp, hx[0].dtype, hx[-1].dtype, False, True)
             input, hx, weights = cast(input, amp), tuple(cast(h, amp) for h in hx), [cast(w, amp) for w in weights]
         backend = resolve(self.backend, input.device, input.dtype, mode, False)
-        if backend == "cpu" and input.size(0) and _cell_op_applies(input, hx, weights):  # (autocast, as cast)
-            h, c, _ = _cpu_cell()(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
-            out = (h, c) if mode == "lstm" else (h,)
+        if backend == "cpu" and input.size(0) and _cell_op_applies((input, *hx, *weights)):  # (autocast, as cast)
+            out = self._cpu_cell(mode, input, hx, weights)
             return out if amp is None else tuple(o.to(dt) for o, dt in zip(out, out_dt))
         cx = hx[1].unsqueeze(0) if len(hx) > 1 else None
         y, _, cy, _ = run_layer(
@@ -437,11 +439,11 @@ class _FusedCellBase(nn.RNNCellBase):
         return out if n_states == 2 else out[0]
 
 
-def _cell_op_applies(input: Tensor, hx, weights) -> bool:
-    """Whether a cpu cell step may run as torch.ops.fusedrnn.cpu_cell: in plain eager mode only (the op's autograd
-    is a C++ Function, which functorch transforms refuse; torch.compile, tracing, modes and tensor subclasses see
-    the layer op as before), and not in the debug mode (whose checks wrap the layer op)."""
-    return (_plain_eager((input, *hx, *weights)) and torch._C._functorch.maybe_current_level() is None
+def _cell_op_applies(tensors=()) -> bool:
+    """Whether a cpu cell step on these tensors may run as torch.ops.fusedrnn.cpu_cell: in plain eager mode only
+    (the op's autograd is a C++ Function, which functorch transforms refuse; torch.compile, tracing, modes and tensor
+    subclasses see the layer op as before), and not in the debug mode (whose checks wrap the layer op)."""
+    return (_plain_eager(tensors) and torch._C._functorch.maybe_current_level() is None
             and not debug.nan_fill_enabled())
 
 
@@ -471,9 +473,7 @@ def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
             backend = _RESOLVED[key] = resolve(cell.backend, input.device, dt, mode, False)
         except RuntimeError:  # (_cell_general raises it)
             return False
-    return (backend == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.maybe_current_level() is None and not debug.nan_fill_enabled())
+    return backend == "cpu" and _cell_op_applies()  # (the tensors' types are checked above)
 
 
 # resolve()'s answers for CPU cells, keyed by what they depend on (the registry by its generation).
