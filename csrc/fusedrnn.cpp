@@ -22,9 +22,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_rnn_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> cpu_rnn_backward(
     c10::string_view mode, const at::Tensor& grad_y, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
     const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& hx, const std::optional<at::Tensor>& cx,
-    at::TensorList weights, bool has_biases, int64_t num_directions, const at::Tensor& y, const at::Tensor& reserve) {
+    at::TensorList weights, bool has_biases, int64_t num_directions, const at::Tensor& y, const at::Tensor& reserve,
+    std::array<bool, 3> output_mask) {
   return fusedrnn::cpu::rnn_backward(std::string(mode), grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
-                                     has_biases, num_directions, y, reserve);
+                                     has_biases, num_directions, y, reserve,
+                                     {output_mask[0], output_mask[1], output_mask[2]});
 }
 
 }  // namespace
@@ -35,8 +37,8 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
       "bool has_biases, int num_directions, bool train) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cpu_rnn_backward(str mode, Tensor grad_y, Tensor grad_hy, Tensor grad_cy, Tensor x, Tensor batch_sizes, "
-      "Tensor hx, Tensor? cx, Tensor[] weights, bool has_biases, int num_directions, Tensor y, Tensor reserve) "
-      "-> (Tensor, Tensor, Tensor, Tensor[])");
+      "Tensor hx, Tensor? cx, Tensor[] weights, bool has_biases, int num_directions, Tensor y, Tensor reserve, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {

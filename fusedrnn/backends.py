@@ -26,6 +26,9 @@ class Backend:
     # elements (else ops._layer_backward makes them whole). Every backend takes an expanded grad_y (strides (0, 0),
     # y.sum()'s gradient), which is also what an unused y gets.
     lazy_zero_grads = False
+    # Whether backward takes output_mask (x, the states, the weights) and skips the gradients not asked for
+    # (returning empty [0] tensors for them); otherwise fusedrnn/ops.py drops them after the fact.
+    takes_output_mask = False
 
     def available(self) -> bool:
         return True
@@ -42,6 +45,15 @@ class Backend:
     def backward(self, mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
                  num_directions, y, reserve):
         raise NotImplementedError
+
+
+def masked_grads_fake(mode, x, hx, cx, weights, output_mask):
+    """Fake gradients (grad_x, grad_hx, grad_cx, grad_weights) of a backward given output_mask (x, the states,
+    the weights): each one not asked for an empty [0], as the kernels return it."""
+    need_x, need_state, need_w = output_mask
+    gcx = x.new_empty(cx.shape if mode == "lstm" and need_state else 0)
+    return (x.new_empty(x.shape if need_x else 0), x.new_empty(hx.shape if need_state else 0), gcx,
+            [w.new_empty(w.shape if need_w else 0) for w in weights])
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import GATES, Backend, note_missing, register_backend
+from .backends import GATES, Backend, masked_grads_fake, note_missing, register_backend
 
 BUILD_HINT = "the C++ extension fusedrnn._C is not built; run `pip install --no-build-isolation -e .` in the repository"
 
@@ -59,6 +59,7 @@ def capability() -> str:
 class CpuBackend(Backend):
     name = "cpu"
     lazy_zero_grads = True  # layer_backward.cpp: an expanded grad_y is read as one row, empty state grads as zeros
+    takes_output_mask = True  # gradients not asked for are skipped (csrc/cpu/layer.h, GradMask)
 
     def available(self) -> bool:
         return _C is not None
@@ -74,10 +75,10 @@ class CpuBackend(Backend):
                                                   num_directions, train)
 
     def backward(self, mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
-                 num_directions, y, reserve):
+                 num_directions, y, reserve, output_mask=(True, True, True)):
         gx, ghx, gcx, gws = torch.ops.fusedrnn.cpu_rnn_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx,
                                                                 cx, list(weights), has_biases, num_directions, y,
-                                                                reserve)
+                                                                reserve, list(output_mask))
         return gx, ghx, gcx, list(gws)
 
 
@@ -94,9 +95,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusedrnn::cpu_rnn_backward")
     def _backward_fake(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tensor, x: Tensor, batch_sizes: Tensor,
                        hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], has_biases: bool,
-                       num_directions: int, y: Tensor, reserve: Tensor):
-        gcx = x.new_empty(cx.shape) if mode == "lstm" else x.new_empty(0)
-        return x.new_empty(x.shape), x.new_empty(hx.shape), gcx, [w.new_empty(w.shape) for w in weights]
+                       num_directions: int, y: Tensor, reserve: Tensor, output_mask: list[bool]):
+        return masked_grads_fake(mode, x, hx, cx, weights, output_mask)
 
     # One cell step (csrc/cpu/cell.cpp): x [B, I], hx [B, H], cx [B, H] (LSTM) -> h [B, H], c [B, H] or [0],
     # reserve [1, B, R] (train) or [0].
@@ -109,9 +109,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fusedrnn::cpu_cell_backward")
     def _cell_backward_fake(mode: str, grad_h: Tensor, grad_c: Tensor, x: Tensor, hx: Tensor, cx: Optional[Tensor],
-                            weights: list[Tensor], has_biases: bool, h: Tensor, reserve: Tensor):
-        gcx = x.new_empty(cx.shape) if mode == "lstm" else x.new_empty(0)
-        return x.new_empty(x.shape), x.new_empty(hx.shape), gcx, [w.new_empty(w.shape) for w in weights]
+                            weights: list[Tensor], has_biases: bool, h: Tensor, reserve: Tensor,
+                            output_mask: list[bool]):
+        return masked_grads_fake(mode, x, hx, cx, weights, output_mask)
 
 
 if _C is not None:

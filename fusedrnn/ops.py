@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import debug
-from .backends import GATES, get_backend
+from .backends import GATES, get_backend, masked_grads_fake
 from .reference import RESERVE_WIDTH, check_batch_sizes
 
 # Backends whose forward checks batch_sizes against hx and x itself (csrc/common.h, csrc/cuda/torch_ops.cpp, the
@@ -65,17 +65,28 @@ def _rnn_layer_fake(mode, x, batch_sizes, hx, cx, weights, has_biases, num_direc
 
 
 def _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
-                    reserve, backend):
+                    reserve, backend, output_mask=None):
     """The body of rnn_layer_backward (and of the eager path's backward). Gradients of unused states may come as
-    lazy zeros (see _backward); they are made whole here for a backend that does not take them."""
+    lazy zeros (see _backward); they are made whole here for a backend that does not take them. output_mask
+    (x, the states, the weights; None: all): the gradients to compute, each other one an empty [0] (a backend with
+    takes_output_mask skips their work; for any other they are dropped here)."""
     impl = _impl(backend, x)
     if not impl.lazy_zero_grads:  # (an expanded grad_y every backend takes: it is y.sum()'s gradient)
         if grad_hy.numel() == 0:
             grad_hy = torch.zeros_like(hx)
         if mode == "lstm" and grad_cy.numel() == 0:
             grad_cy = torch.zeros_like(cx)
-    gx, ghx, gcx, gws = impl.backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
-                                      has_biases, num_directions, y, reserve)
+    mask = (True, True, True) if output_mask is None else tuple(output_mask)
+    if impl.takes_output_mask:
+        gx, ghx, gcx, gws = impl.backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
+                                          has_biases, num_directions, y, reserve, mask)
+    else:
+        gx, ghx, gcx, gws = impl.backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights,
+                                          has_biases, num_directions, y, reserve)
+        if not all(mask):  # (each its own tensor: outputs of a custom op may not alias each other)
+            gx, ghx, gcx = (g if need else x.new_empty(0)
+                            for g, need in ((gx, mask[0]), (ghx, mask[1]), (gcx, mask[1])))
+            gws = gws if mask[2] else [w.new_empty(0) for w in weights]
     if debug.nan_fill_enabled():
         debug.check_written(backend, "rnn_layer_backward", [grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve],
                             {"grad_x": gx, "grad_hx": ghx, "grad_cx": gcx, "grad_weights": list(gws)})
@@ -85,19 +96,19 @@ def _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weig
 @torch.library.custom_op("fusedrnn::rnn_layer_backward", mutates_args=())
 def rnn_layer_backward(mode: str, grad_y: Tensor, grad_hy: Tensor, grad_cy: Tensor, x: Tensor, batch_sizes: Tensor,
                        hx: Tensor, cx: Optional[Tensor], weights: list[Tensor], has_biases: bool,
-                       num_directions: int, y: Tensor, reserve: Tensor, backend: str
-                       ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+                       num_directions: int, y: Tensor, reserve: Tensor, backend: str,
+                       output_mask: Optional[list[bool]] = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """grad_y [N, D*P], grad_hy [D, B, P] or [0] (zeros), grad_cy [D, B, H] or [0] -> grad_x [N, I], grad_hx
-    [D, B, P], grad_cx [D, B, H] or [0], weight grads shaped as `weights` (docs/design.md, Backward)."""
+    [D, B, P], grad_cx [D, B, H] or [0], weight grads shaped as `weights` (docs/design.md, Backward); output_mask
+    [x, states, weights] (None: all): those not asked for come back as empty [0] tensors, their work skipped."""
     return _layer_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
-                           num_directions, y, reserve, backend)
+                           num_directions, y, reserve, backend, output_mask)
 
 
 @rnn_layer_backward.register_fake
 def _rnn_layer_backward_fake(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
-                             num_directions, y, reserve, backend):
-    gcx = x.new_empty(cx.shape) if mode == "lstm" else x.new_empty(0)
-    return (x.new_empty(x.shape), x.new_empty(hx.shape), gcx, [w.new_empty(w.shape) for w in weights])
+                             num_directions, y, reserve, backend, output_mask=None):
+    return masked_grads_fake(mode, x, hx, cx, weights, (True, True, True) if output_mask is None else output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,9 +150,18 @@ def _graph_grads(ctx, grad_y, grad_hy, grad_cy):
     return gx, ghx, gcx, gws
 
 
-def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve, forward=None, backward=None):
+def _output_mask(needs_x, needs_hx, needs_cx, needs_weights) -> list[bool]:
+    """rnn_layer_backward's output_mask from which inputs need a gradient (ctx.needs_input_grad)."""
+    return [bool(needs_x), bool(needs_hx or needs_cx), any(needs_weights)]
+
+
+def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve, forward=None, backward=None, output_mask=None):
     """The layer's gradients, in the op's argument order. forward / backward: what computes them (default: the
-    ops, as autograd of the op must; the eager path passes the plain bodies)."""
+    ops, as autograd of the op must; the eager path passes the plain bodies). output_mask: the gradients asked for
+    (default: from ctx.needs_input_grad, laid out as the op's arguments); None is returned for the others."""
+    if output_mask is None:
+        n = ctx.needs_input_grad
+        output_mask = _output_mask(n[1], n[3], n[4], n[5])
     forward = forward or torch.ops.fusedrnn.rnn_layer
     if torch.is_grad_enabled():  # create_graph=True
         gx, ghx, gcx, gws = _graph_grads(ctx, grad_y, grad_hy, grad_cy)
@@ -161,8 +181,11 @@ def _backward(ctx, grad_y, grad_hy, grad_cy, _grad_reserve, forward=None, backwa
     if ctx.mode != "lstm" or grad_cy is None:
         grad_cy = x.new_zeros(0)
     gx, ghx, gcx, gws = backward(ctx.mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ctx.has_biases,
-                                 ctx.num_directions, y, reserve, ctx.backend)
-    return (None, gx, None, ghx, gcx if ctx.mode == "lstm" else None, list(gws), None, None, None, None)
+                                 ctx.num_directions, y, reserve, ctx.backend, output_mask)
+    need_x, need_state, need_w = output_mask
+    return (None, gx if need_x else None, None, ghx if need_state else None,
+            gcx if ctx.mode == "lstm" and need_state else None, list(gws) if need_w else [None] * len(gws),
+            None, None, None, None)
 
 
 rnn_layer.register_autograd(_backward, setup_context=_setup_context)
@@ -178,6 +201,13 @@ rnn_layer.register_autograd(_backward, setup_context=_setup_context)
 # inference_mode) there is no graph to record, and the eager path calls the body directly, without the
 # autograd.Function either.
 
+def _eager_mask(ctx) -> list[bool]:
+    """_output_mask of the eager path, whose arguments are (mode, x, batch_sizes, hx, cx, has_biases,
+    num_directions, train, backend, *weights)."""
+    n = ctx.needs_input_grad
+    return _output_mask(n[1], n[3], n[4], n[9:])
+
+
 class _EagerLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights):
@@ -190,7 +220,7 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve):  # (with create_graph=True, _graph_grads)
         _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
-                                                _layer_backward)
+                                                _layer_backward, _eager_mask(ctx))
         return (None, gx, None, ghx, gcx, None, None, None, None, *gws)
 
 
@@ -219,7 +249,7 @@ class _FuncLayer(_EagerLayer):
         inside its backward found no path to them (zero gradients)."""
         with torch.no_grad():
             _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
-                                                    _layer_backward)
+                                                    _layer_backward, _eager_mask(ctx))
         if torch.is_grad_enabled():
             gx, ghx, gcx, *gws = _NoDoubleBackward.apply(3 + len(gws), gx, ghx, gcx, *gws, *ctx.saved_tensors)
         return (None, gx, None, ghx, gcx, None, None, None, None, *gws)

@@ -392,7 +392,43 @@ def test_opcheck(mode, proj, dtype):
     y, _, _, reserve = torch.ops.fusedrnn.cpu_rnn_forward(*fwd_args)
     bwd_args = (args["mode"], *grads, args["x"], args["batch_sizes"], args["hx"], args["cx"], args["weights"],
                 args["has_biases"], args["num_directions"], y, reserve)
-    torch.library.opcheck(torch.ops.fusedrnn.cpu_rnn_backward.default, bwd_args)
+    for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        torch.library.opcheck(torch.ops.fusedrnn.cpu_rnn_backward.default, (*bwd_args, mask))
+
+
+MASKS = [(x, s, w) for x in (True, False) for s in (True, False) for w in (True, False) if not (x and s and w)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("loop", ["persistent", "gemm"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
+                                       ("gru", (2, 5, [8, 8, 4, 3, 1], 0)), ("gru", (1, 12, None, 0)),
+                                       ("rnn_tanh", (2, 3, None, 0)), ("lstm", (1, 1, None, 0))])
+def test_backward_output_mask(mode, case, loop, dtype, monkeypatch):
+    """cpu_rnn_backward's output_mask (x, the states, the weights): every gradient asked for is bitwise the one
+    the full backward gives (skipping grad_x's GEMM, the first step's recurrent product or the weight GEMMs
+    changes no other result); each one not asked for comes back as an empty [0]. Both time loops (the skipped
+    first-step product lives in each), both directions, packed lengths, projection, small time chunks."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=5, H=24, proj=proj, dtype=dtype)
+    fwd = (args["mode"], args["x"], args["batch_sizes"], args["hx"], args["cx"], args["weights"],
+           args["has_biases"], args["num_directions"], True)
+    y, _, _, reserve = torch.ops.fusedrnn.cpu_rnn_forward(*fwd)
+    bwd = (args["mode"], *grads, args["x"], args["batch_sizes"], args["hx"], args["cx"], args["weights"],
+           args["has_biases"], args["num_directions"], y, reserve)
+    gx, ghx, gcx, gws = torch.ops.fusedrnn.cpu_rnn_backward(*bwd, [True, True, True])
+    for mask in MASKS:
+        mx, mhx, mcx, mws = torch.ops.fusedrnn.cpu_rnn_backward(*bwd, list(mask))
+        pairs = [(mx, gx, mask[0]), (mhx, ghx, mask[1]), *((m, g, mask[2]) for m, g in zip(mws, gws))]
+        if mode == "lstm":
+            pairs.append((mcx, gcx, mask[1]))
+        for got, want, asked in pairs:
+            if asked:
+                assert torch.equal(got, want), mask
+            else:
+                assert got.numel() == 0, mask
 
 
 CELL_MODULES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell"}
@@ -430,8 +466,42 @@ def test_cell_op_gradients(mode, bias):
     ws = [w.detach() for w in ws]
     hn, _, reserve = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, True)
     gc = torch.randn_like(c) if mode == "lstm" else x.new_empty(0)
-    torch.library.opcheck(torch.ops.fusedrnn.cpu_cell_backward.default,
-                          (mode, torch.randn_like(hn), gc, x, h, c, ws, bias, hn, reserve))
+    bwd = (mode, torch.randn_like(hn), gc, x, h, c, ws, bias, hn, reserve)
+    full = torch.ops.fusedrnn.cpu_cell_backward(*bwd, [True, True, True])
+    for mask in [[True, True, True], *map(list, MASKS)]:
+        torch.library.opcheck(torch.ops.fusedrnn.cpu_cell_backward.default, (*bwd, mask))
+        gx, ghx, gcx, gws = torch.ops.fusedrnn.cpu_cell_backward(*bwd, mask)
+        for got, want, asked in [(gx, full[0], mask[0]), (ghx, full[1], mask[1]),
+                                 *((g, w, mask[2]) for g, w in zip(gws, full[3]))]:
+            assert torch.equal(got, want) if asked else got.numel() == 0, mask
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("needs", ["x", "hx", "weights", "x+weights", "hx+weights"])
+def test_cell_backward_asks_only_for_what_needs_a_gradient(mode, needs):
+    """A cell step whose x, state or weights need no gradient (a decoder's first step from a zero state, an input
+    without grad, a frozen cell): the gradients that do are torch.nn's (float64), the others stay None; the C++
+    Function asks the backward op for those only (the op's empty [0] never reaches a .grad)."""
+    import fusedrnn
+    kw = {"nonlinearity": "relu"} if mode == "rnn_relu" else {}
+    ref = getattr(torch.nn, CELL_MODULES[mode])(4, 5, **kw).double()
+    ours = getattr(fusedrnn, CELL_MODULES[mode])(4, 5, **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    x, h, c, _ = _cell_case(mode, True, torch.float64)
+    grads = {}
+    for name, m in (("torch", ref), ("ours", ours)):
+        m.requires_grad_("weights" in needs)
+        xi = x.detach().requires_grad_("x" in needs.split("+"))
+        hi = h.detach().requires_grad_("hx" in needs)
+        ci = c.detach().requires_grad_("hx" in needs) if c is not None else None
+        out = m(xi, (hi, ci) if mode == "lstm" else hi)
+        loss = (out[0] * 2 + out[1]).sum() if mode == "lstm" else out.sum()
+        loss.backward()
+        grads[name] = [t.grad for t in (xi, hi, ci) if t is not None] + [p.grad for p in m.parameters()]
+    for a, b in zip(grads["ours"], grads["torch"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -261,3 +261,56 @@ def test_double_backward_matches_torch_nn(kind, kw, watch, backend):
             results.append([t.detach() for t in grads] + list(torch.autograd.grad(penalty, [xl, hl, *params])))
     for k, (got, want) in enumerate(zip(results[1], results[0])):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=f"tensor {k}")
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("watch", [False, True], ids=["eager", "op"])
+@pytest.mark.parametrize("needs", ["weights", "hx", "x+hx", "layer0-frozen", "all"])
+@pytest.mark.parametrize("kind,kw", [("LSTM", {"num_layers": 2, "bidirectional": True}), ("LSTM", {"proj_size": 2}),
+                                     ("GRU", {"num_layers": 2}), ("RNN", {})])
+def test_gradients_only_where_needed(kind, kw, needs, watch, backend, monkeypatch):
+    """Inputs that need no gradient (raw features as x, hx given without grad, a frozen layer that x's gradient
+    passes through, as in prompt tuning):
+    the backward asks the layer's backward for the others only (rnn_layer_backward's output_mask; the `cpu`
+    backend skips their GEMMs). Every gradient that is needed equals torch.nn's (float64); the others stay None,
+    on the eager path and on the op's own autograd (what torch.compile uses)."""
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(3, 4, **kw).double()
+    ours = getattr(fusedrnn, kind)(3, 4, backend=backend, **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    D = 2 if kw.get("bidirectional") else 1
+    L = kw.get("num_layers", 1)
+    P = kw.get("proj_size") or 4
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    h0 = torch.randn(L * D, 2, P, generator=g, dtype=torch.float64)
+    c0 = torch.randn(L * D, 2, 4, generator=g, dtype=torch.float64)
+    impl = fusedrnn.backends.get_backend(backend)
+    masks = []
+    if impl.takes_output_mask:
+        real = impl.backward
+
+        def spy(*args):
+            masks.append(tuple(args[-1]))
+            return real(*args)
+        monkeypatch.setattr(impl, "backward", spy)
+    results = []
+    for m in (ref, ours):
+        for name, p in m.named_parameters():
+            p.requires_grad_(needs != "hx" and not (needs == "layer0-frozen" and "_l0" in name))
+        x = x0.clone().requires_grad_(needs in ("x+hx", "layer0-frozen", "all"))
+        hx = [t.clone().requires_grad_(needs in ("hx", "x+hx", "all")) for t in (h0, c0)]
+        state = tuple(hx) if kind == "LSTM" else hx[0]
+        with _Watching() if watch else torch.enable_grad():
+            y, _ = m(x, state)
+        (y * torch.arange(y.numel(), dtype=torch.float64).view_as(y).cos()).sum().backward()
+        results.append([x.grad, *(t.grad for t in hx[:2 if kind == "LSTM" else 1]),
+                        *(p.grad for p in m.parameters())])
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    # the first layer's backward (the last to run) got the mask of what its inputs need
+    first = {"weights": (False, False, True), "hx": (False, True, False), "x+hx": (True, True, True),
+             "layer0-frozen": (True, False, False), "all": (True, True, True)}[needs]
+    assert not impl.takes_output_mask or masks[-1] == first, masks

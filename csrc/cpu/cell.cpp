@@ -1,14 +1,17 @@
 // One step of an LSTMCell / GRUCell / RNNCell on the CPU as one op with its autograd in C++:
 //
 //   fusedrnn::cpu_cell(mode, x [B, I], hx [B, P], cx [B, H]?, weights, has_biases, train) -> (h [B, H], c, reserve)
-//   fusedrnn::cpu_cell_backward(mode, grad_h, grad_c, x, hx, cx?, weights, has_biases, h, reserve)
+//   fusedrnn::cpu_cell_backward(mode, grad_h, grad_c, x, hx, cx?, weights, has_biases, h, reserve, output_mask)
 //       -> (grad_x, grad_hx, grad_cx, grad_weights)
 //
 // The step is the layer kernels' T = 1 (rnn_forward / rnn_backward with batch_sizes [B]); c is [B, H] for LSTM and
 // an empty [0] otherwise; reserve as the layer's for one step ([1, B, R]) when train, else [0]; grad_c [B, H] or
-// [0] (zeros). Why an op of its own: a decoder loop pays a cell's fixed cost at every step, and through the layer
-// op (fusedrnn/ops.py) that was a Python autograd.Function and a dozen Python-level reshapes, about 20 us of a
-// 30 us RNNCell step at B1 H64 against torch.nn's 15 us. Here the graph node is a C++ Function
+// [0] (zeros); output_mask (x, the states, the weights): a gradient not asked for comes back as an empty [0] and
+// its products are skipped (fusedrnn::cpu::GradMask: a decoder's first step, whose state is zeros, needs no
+// grad_hx, nor an x without grad its grad_x; a step's backward is four products).
+// Why an op of its own: a decoder loop pays a cell's fixed cost at every step, and through the layer op
+// (fusedrnn/ops.py) that was a Python autograd.Function and a dozen Python-level reshapes, about 20 us of a 30 us
+// RNNCell step at B1 H64 against torch.nn's 15 us. Here the graph node is a C++ Function
 // (torch::autograd::Function) registered as the op's Autograd kernel: one dispatcher call from Python a step.
 // create_graph=True (a gradient penalty): the backward recomputes the step in differentiable ATen ops (float32 for
 // a half-precision cell) and differentiates that with a graph, as the layer op's _graph_grads does.
@@ -58,14 +61,16 @@ CellResult cpu_cell(c10::string_view mode, const Tensor& x, const Tensor& hx, co
 
 CellGrads cpu_cell_backward(c10::string_view mode, const Tensor& grad_h, const Tensor& grad_c, const Tensor& x,
                             const Tensor& hx, const std::optional<Tensor>& cx, at::TensorList weights,
-                            bool has_biases, const Tensor& h, const Tensor& reserve) {
+                            bool has_biases, const Tensor& h, const Tensor& reserve,
+                            std::array<bool, 3> output_mask) {
   TORCH_CHECK(x.dim() == 2 && hx.dim() == 2, "fusedrnn: cpu_cell_backward takes x [B, I] and hx [B, P]");
   const OneStep steps(x.size(0));
   const Tensor grad_cy = grad_c.numel() ? grad_c.unsqueeze(0) : grad_c;
   auto [gx, ghx, gcx, gws] = fusedrnn::cpu::rnn_backward(std::string(mode), grad_h, grad_h.new_empty({0}), grad_cy,
                                                          x, steps.t, hx.unsqueeze(0), state3(cx), weights,
-                                                         has_biases, 1, h, reserve);
-  ghx.squeeze_(0);
+                                                         has_biases, 1, h, reserve,
+                                                         {output_mask[0], output_mask[1], output_mask[2]});
+  if (ghx.dim() == 3) ghx.squeeze_(0);
   if (gcx.dim() == 3) gcx.squeeze_(0);
   return {gx, ghx, gcx, gws};
 }
@@ -170,12 +175,16 @@ struct CellFunction : public torch::autograd::Function<CellFunction> {
                          .findSchemaOrThrow("fusedrnn::cpu_cell_backward", "")
                          .typed<CellGrads(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, const std::optional<Tensor>&, at::TensorList, bool,
-                                          const Tensor&, const Tensor&)>();
+                                          const Tensor&, const Tensor&, std::array<bool, 3>)>();
     // grad_h of a loss that used only c: one zero expanded to h's shape (the kernels read it as one row).
     const Tensor gy = grad_h.defined() ? grad_h : at::zeros({}, h.options()).expand(h.sizes());
     const Tensor gc = grad_c.defined() ? grad_c : at::empty({0}, h.options());
+    bool need_w = false;
+    for (size_t k = 0; k < weights.size(); ++k) need_w = need_w || ctx->needs_input_grad(w0 + k);
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0),
+                                      ctx->needs_input_grad(1) || (lstm && ctx->needs_input_grad(2)), need_w};
     auto [gx, ghx, gcx, gws] = op.call(mode, gy, gc, x, hx, lstm ? std::optional<Tensor>(cx) : std::nullopt,
-                                       weights, has_biases, h, reserve);
+                                       weights, has_biases, h, reserve, mask);
     if (ctx->needs_input_grad(0)) out[1] = gx;
     if (ctx->needs_input_grad(1)) out[2] = ghx;
     if (lstm && ctx->needs_input_grad(2)) out[3] = gcx;
@@ -206,7 +215,8 @@ TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def("cpu_cell(str mode, Tensor x, Tensor hx, Tensor? cx, Tensor[] weights, bool has_biases, bool train) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("cpu_cell_backward(str mode, Tensor grad_h, Tensor grad_c, Tensor x, Tensor hx, Tensor? cx, "
-        "Tensor[] weights, bool has_biases, Tensor h, Tensor reserve) -> (Tensor, Tensor, Tensor, Tensor[])");
+        "Tensor[] weights, bool has_biases, Tensor h, Tensor reserve, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {

@@ -19,12 +19,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_forward(
     const std::optional<at::Tensor>& cx, at::TensorList weights, bool has_biases, int64_t num_directions,
     bool train);
 
+// Which gradients a backward computes: x's; the initial states' (hx and cx); the weights'. One not asked for is
+// returned as an empty [0] tensor (each weight's, for weights) and its work skipped: grad_x's GEMM (x of a first
+// layer on raw features needs none), the recurrent product of the loop's first step (hx left as zeros), the weight
+// gradients' GEMMs (a frozen layer).
+struct GradMask {
+  bool x = true, state = true, weights = true;
+};
+
 // grad_y: [N, D*P], grad_hy: [D, B, P], grad_cy: [D, B, H] or [0] -> grad_x [N, I], grad_hx [D, B, P],
 // grad_cx [D, B, H] or [0], grad_weights shaped as weights.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_backward(
     const std::string& mode, const at::Tensor& grad_y, const at::Tensor& grad_hy, const at::Tensor& grad_cy,
     const at::Tensor& x, const at::Tensor& batch_sizes, const at::Tensor& hx, const std::optional<at::Tensor>& cx,
-    at::TensorList weights, bool has_biases, int64_t num_directions, const at::Tensor& y, const at::Tensor& reserve);
+    at::TensorList weights, bool has_biases, int64_t num_directions, const at::Tensor& y, const at::Tensor& reserve,
+    GradMask mask = {});
 
 // Kernel builds, in order: each runs wherever a later one does.
 enum Capability : int { kCapDefault = 0, kCapAVX2 = 1, kCapAVX512 = 2 };

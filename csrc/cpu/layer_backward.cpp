@@ -14,7 +14,8 @@ using namespace loops;
 // parts equal the input side's, so they are not stored twice); dht proj [rows, P] total gradient w.r.t. h per
 // step. State: dhf proj [B, H]; dh [B, P] and dc [B, H] running state gradients (in: grad_hy / grad_cy, out:
 // grad_hx / grad_cx). gy: rows of grad_y [N, D*P] (in place at its row stride, one row at stride 0, or a
-// contiguous copy of the chunk's).
+// contiguous copy of the chunk's). no_dh0: the loop's first step (position 0) skips its recurrent product, whose
+// result would be grad_hx (hx needs no gradient).
 template <typename T>
 struct BwdBufs {
   T* dg;
@@ -26,6 +27,7 @@ struct BwdBufs {
   T* dh;
   T* dc;
   RowBuf<const T> gy;
+  bool no_dh0 = false;
   // Row 0 of step t in dg.
   T* row(const Dir<T>& dir, int64_t t) const { return dg + (dir.row0(t) - r0) * ldg; }
   // The same buffers with the states moved to the rows of a block of the batch.
@@ -99,6 +101,7 @@ void backward_large(const Dir<T>& dir, const KernelTable<T>& K, const BwdBufs<T>
     }
     const BwdArgs<T> a = bwd_args(dir, bb, t);
     for_rows(b, GH, [&](int64_t j0, int64_t j1) { K.bwd[L.mode](a, j0, j1, 0, H); });
+    if (s == 0 && bb.no_dh0) break;
     // GRU: dh already holds z * dh from the gate pass
     for (const RecPart& q : parts)
       gemm<T>(false, false, b, P, q.R, bb.row(dir, t) + q.col, bb.ldg, dir.w_hh + q.wrow * P, P,
@@ -170,7 +173,7 @@ void backward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>&
       for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [p0, p1] = slice_range(P, sl, S);
         for (const RecPart& part : parts) {
-          if (b == 0) continue;
+          if (b == 0 || (s == 0 && bb.no_dh0)) continue;
           const T* g = bb.row(dir, t) + part.col;
           const bool acc = L.mode == kGRU || part.col > 0;  // GRU: dh already holds z * dh from the gate pass
           if (!pk.p) K.vecmat(dir.w_hh + part.wrow * P, P, part.R, p0, p1, g, bb.ldg, b, bb.dh, P, acc);
@@ -263,7 +266,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const Layout& L, const Tensor& grad_y_, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x_,
     const Tensor& hx_, const std::optional<Tensor>& cx_, at::TensorList weights, const Tensor& y_,
-    const Tensor& reserve_) {
+    const Tensor& reserve_, GradMask need) {
   const KernelTable<T>& K = table<T>();
   const auto ws = contiguous_all(weights);
   // half: a bfloat16 / float16 layer (T float; hx, cx, the weights and the gradients of hy and cy already float32):
@@ -292,11 +295,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
                    : grad_cy.numel() ? grad_cy.contiguous().clone() : at::zeros_like(cx);
   // half, one direction: grad_x in x's dtype, each chunk's rows computed in a float32 buffer and cast (two
   // directions sum into grad_x, so it stays float32 until both have).
-  const bool gx_chunks = half && L.D == 1;
-  Tensor grad_x = alloc({L.N, L.I}, gx_chunks ? x.options() : opts);
+  const bool gx_chunks = half && L.D == 1 && need.x;
+  // grad_x and the weight gradients are allocated at a direction's first GEMMs (after its first time chunk), not
+  // beside the loop's workspaces: a cell's one-step backward otherwise peaked with all of them at once.
+  Tensor grad_x = !need.x ? at::empty({0}, opts) : L.T ? Tensor() : at::zeros({L.N, L.I}, opts);
   std::vector<Tensor> gw(ws.size());
-  for (size_t i = 0; i < ws.size(); ++i) gw[i] = L.T ? alloc(ws[i].sizes(), opts) : at::zeros_like(ws[i]);
-  if (L.T == 0) grad_x.zero_();
+  for (size_t i = 0; i < ws.size(); ++i)
+    gw[i] = !need.weights ? at::empty({0}, opts) : L.T ? Tensor() : at::zeros_like(ws[i]);
   Tensor gx_buf;
   const bool small = small_batch(L, false);
   const bool parallel_dirs = directions_in_parallel(L, small, sizeof(T));
@@ -304,7 +309,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       parallel_dirs ? std::vector<int64_t>{0, L.B} : batch_blocks(L, small, sizeof(T));
   const int64_t nblk = static_cast<int64_t>(blocks.size()) - 1;
   // Directions on their own threads cannot both accumulate into grad_x: the reverse one writes its own copy.
-  Tensor grad_x_rev = parallel_dirs && L.T ? alloc({L.N, L.I}, opts) : Tensor();
+  Tensor grad_x_rev;
   // Dir holds non-const pointers; backward never writes y or the reserve. half: set per chunk (the windows).
   Tensor y_mut = half ? at::empty({0}, opts) : y;
   Tensor res_dir = half ? at::empty({0}, opts) : reserve;
@@ -317,6 +322,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   // would take them; forward+backward time gathered on oneDNN / views on BLAS, EPYC Zen 5: LSTM bidirectional T100
   // B16 H256 0.87, 2 layers 0.90, B64 H512 0.91).
   const bool hprev_views = uniform && !half && !(dnnl && L.D == 2);
+  // Without weight gradients the backward never needs H_prev (dW_hh's operand), nor x beyond the time loop.
+  const bool gather_hprev = need.weights && !hprev_views;
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir_all = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, res_dir);
     const std::vector<Chunk> chunks = time_chunks(L, dir_all.reverse, train_chunk_rows(L));
@@ -325,9 +332,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;
     Tensor dg = alloc({max_rows, ldg}, opts);
     Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
-    Tensor hprev = hprev_views ? Tensor() : alloc({max_rows, L.P}, opts);
+    Tensor hprev = gather_hprev ? alloc({max_rows, L.P}, opts) : Tensor();
     Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
-    const Packed<T> pk = small && L.T
+    Packed<T> pk = small && L.T
                              ? pack_backward(dir_all, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
                              : Packed<T>{};
     Tensor& g_ih = gw[d * L.group + 0];
@@ -354,7 +361,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       BwdBufs<T> bb{dg.data_ptr<T>(), L.mode == kGRU ? dg.data_ptr<T>() + GH : nullptr, ldg,
                     dht.defined() ? dht.data_ptr<T>() : nullptr, ch.r0,
                     dhf.defined() ? dhf.data_ptr<T>() : nullptr, grad_hx[d].data_ptr<T>(),
-                    L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr, RowBuf<const T>{}};
+                    L.mode == kLSTM ? grad_cx[d].data_ptr<T>() : nullptr, RowBuf<const T>{}, !need.state};
       Tensor gy_chunk;
       if (gy_whole) {
         bb.gy = {gy.data_ptr<T>(), gy.stride(0), 0};
@@ -373,18 +380,37 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
           backward_small(dir.block(blocks[i], blocks[i + 1] - blocks[i]), K, pk, bb, ch.s0, ch.s1);
         });
       }
+      if (i + 1 == chunks.size()) {
+        // The time loop is done: its workspaces go before the last chunk's weight-gradient GEMMs, where the
+        // backward's memory peaks (every gradient allocated): the packed copy of W_hh, and the running state
+        // gradients where they are no result (hx needs no gradient; one direction, or the other's are in use).
+        pk.buf = Tensor();
+        pk.p = nullptr;
+        if (!need.state && L.D == 1) grad_hx = grad_cx = Tensor();
+      }
+      if (first) {  // (d = 0 first where the directions take turns: d = 1 adds to its grad_x)
+        if (need.weights)
+          for (int64_t k = 0; k < L.group; ++k) gw[d * L.group + k] = alloc(ws[d * L.group + k].sizes(), opts);
+        if (need.x && d == 0) grad_x = alloc({L.N, L.I}, gx_chunks ? x.options() : opts);
+        if (need.x && d == 1 && parallel_dirs) grad_x_rev = alloc({L.N, L.I}, opts);
+      }
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
       const Tensor buf = part_of(dg, 0, 0, rows);
       const Tensor dg_c = part_of(buf, 1, 0, GH);
-      mm_acc(g_ih, dg_c.t(), part_of(x, 0, ch.r0, rows).to(opts.dtype()), first, dnnl);
-      if (!hprev_views) gather_h_prev(dir, ch, hprev.data_ptr<T>());
-      for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
-        Tensor g_part = part_of(g_hh, 0, part.wrow, part.R);
-        const Tensor d_part = part_of(buf, 1, part.col, part.R);
-        if (hprev_views) w_hh_grad_uniform(dir, ch, d_part, part_of(y, 1, d * L.P, L.P), hx[d], g_part, first, dnnl);
-        else mm_acc(g_part, d_part.t(), part_of(hprev, 0, 0, rows), first, dnnl);
+      if (need.weights) {
+        mm_acc(g_ih, dg_c.t(), part_of(x, 0, ch.r0, rows).to(opts.dtype()), first, dnnl);
+        if (gather_hprev) gather_h_prev(dir, ch, hprev.data_ptr<T>());
+        for (const RecPart& part : rec_parts(L)) {  // dW_hh's rows as the recurrent product's parts
+          Tensor g_part = part_of(g_hh, 0, part.wrow, part.R);
+          const Tensor d_part = part_of(buf, 1, part.col, part.R);
+          if (hprev_views)
+            w_hh_grad_uniform(dir, ch, d_part, part_of(y, 1, d * L.P, L.P), hx[d], g_part, first, dnnl);
+          else
+            mm_acc(g_part, d_part.t(), part_of(hprev, 0, 0, rows), first, dnnl);
+        }
       }
-      if (gx_chunks) {
+      if (!need.x) {
+      } else if (gx_chunks) {
         if (!gx_buf.defined()) gx_buf = alloc({max_rows, L.I}, opts);
         Tensor gx = gx_buf.narrow(0, 0, rows);
         mm_acc(gx, dg_c, L.w_ih(ws, d), true, dnnl);
@@ -393,7 +419,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         Tensor gx = part_of(d == 0 || !parallel_dirs ? grad_x : grad_x_rev, 0, ch.r0, rows);
         mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs, dnnl);
       }
-      if (L.bias) {
+      if (L.bias && need.weights) {
         Tensor& g_b = gw[d * L.group + 2];
         if (first) at::sum_out(g_b, dg_c, at::IntArrayRef{0});
         else g_b.add_(dg_c.sum(0));
@@ -404,14 +430,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
           else g_bn.add_(dn.sum(0));
         }
       }
-      if (L.proj) {
+      if (L.proj && need.weights) {
         const Tensor r = half ? res_win.narrow(0, ch.r0 - lo, rows) : reserve[d].narrow(0, ch.r0, rows);
         const Tensor h_full = r.narrow(1, 3 * L.H, L.H) * r.narrow(1, 4 * L.H, L.H).tanh();
         mm_acc(gw[d * L.group + L.group - 1], dht.narrow(0, 0, rows).t(), h_full, first, dnnl);
       }
     }
     // LSTM and RNN: both biases get the same gradient (one pass over dG, not two); GRU: the r and z parts.
-    if (L.bias && L.T) {
+    if (L.bias && L.T && need.weights) {
       const int64_t n = L.mode == kGRU ? 2 * L.H : GH;
       gw[d * L.group + 3].narrow(0, 0, n).copy_(gw[d * L.group + 2].narrow(0, 0, n));
     }
@@ -422,6 +448,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   } else {
     for (int64_t d = 0; d < L.D; ++d) run_direction(d);
   }
+  // (a direction without time chunks, as no rows would leave it, allocated nothing: zeros, as at T = 0)
+  for (size_t i = 0; i < ws.size(); ++i)
+    if (!gw[i].defined()) gw[i] = at::zeros_like(ws[i]);
+  if (!grad_x.defined()) grad_x = at::zeros({L.N, L.I}, opts);
+  if (!need.state) {
+    grad_hx = at::empty({0}, opts);
+    grad_cx = at::empty({0}, opts);
+  }
   return {grad_x, grad_hx, grad_cx, gw};
 }
 
@@ -430,7 +464,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     const std::string& mode, const Tensor& grad_y, const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& x,
     const Tensor& batch_sizes, const Tensor& hx, const std::optional<Tensor>& cx, at::TensorList weights,
-    bool has_biases, int64_t num_directions, const Tensor& y, const Tensor& reserve) {
+    bool has_biases, int64_t num_directions, const Tensor& y, const Tensor& reserve, GradMask mask) {
   const Layout L = check_inputs(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions);
   for (const Tensor* g : {&grad_y, &grad_hy, &grad_cy, &y, &reserve})
     TORCH_CHECK(g->scalar_type() == x.scalar_type() && g->device().is_cpu(),
@@ -438,14 +472,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   check_dtype(x);
   if (half_precision(x.scalar_type())) {
     auto [gx, ghx, gcx, gw] = backward_typed<float>(L, grad_y, to_float(grad_hy), to_float(grad_cy), x,
-                                                    to_float(hx), to_float(cx), to_float(weights), y, reserve);
+                                                    to_float(hx), to_float(cx), to_float(weights), y, reserve, mask);
     const at::ScalarType t = x.scalar_type();
     for (Tensor& g : gw) g = g.to(t);
     return {gx.to(t), ghx.to(t), gcx.to(t), gw};
   }
   if (x.scalar_type() == at::kDouble)
-    return backward_typed<double>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
-  return backward_typed<float>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve);
+    return backward_typed<double>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve, mask);
+  return backward_typed<float>(L, grad_y, grad_hy, grad_cy, x, hx, cx, weights, y, reserve, mask);
 }
 
 }  // namespace fusedrnn::cpu
