@@ -23,10 +23,19 @@ LIBASAN="$(gcc -print-file-name=libasan.so)"
 # start-up, or the first C++ exception (any TORCH_CHECK) aborts with "CHECK failed: ... real___cxa_throw".
 PRELOAD="$LIBASAN $(gcc -print-file-name=libstdc++.so)"
 
-# 1. A private copy of the sources (tracked and untracked-but-not-ignored files; never .venv, build/, *.so).
-mkdir -p "$SRC"
+# 1. A private copy of the sources (tracked and untracked-but-not-ignored files; never .venv, build/, *.so). Files
+#    are extracted with the time of extraction (tar -m), but only those whose content changed since the last copy
+#    replace it: the objects of a previous run are rebuilt exactly where a source changed. (With the sources' own
+#    times, an edit made while a previous run was building looked older than that run's object, and ninja kept
+#    the stale object.)
+mkdir -p "$SRC" "$WORK/incoming"
+rm -rf "$WORK/incoming" && mkdir -p "$WORK/incoming"
 (cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) \
-  | tar -xf - -C "$SRC"
+  | tar -m -xf - -C "$WORK/incoming"
+(cd "$WORK/incoming" && find . -type f -print0) | while IFS= read -r -d '' f; do
+  cmp -s "$WORK/incoming/$f" "$SRC/$f" || { mkdir -p "$(dirname "$SRC/$f")" && cp "$WORK/incoming/$f" "$SRC/$f"; }
+done
+rm -rf "$WORK/incoming"
 rm -f "$SRC"/fusedrnn/_C*.so
 
 # 2. The instrumented build. -O1 keeps stack traces readable; vptr checks need RTTI for every torch type, which

@@ -409,13 +409,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
             mm_acc(g_part, d_part.t(), part_of(hprev, 0, 0, rows), first, dnnl);
         }
       }
-      if (!need.x) {
-      } else if (gx_chunks) {
+      if (gx_chunks) {  // (gx_chunks implies need.x)
         if (!gx_buf.defined()) gx_buf = alloc({max_rows, L.I}, opts);
         Tensor gx = gx_buf.narrow(0, 0, rows);
         mm_acc(gx, dg_c, L.w_ih(ws, d), true, dnnl);
         grad_x.narrow(0, ch.r0, rows).copy_(gx);
-      } else {
+      } else if (need.x) {
         Tensor gx = part_of(d == 0 || !parallel_dirs ? grad_x : grad_x_rev, 0, ch.r0, rows);
         mm_acc(gx, dg_c, L.w_ih(ws, d), d == 0 || parallel_dirs, dnnl);
       }
