@@ -305,8 +305,9 @@ def test_cpu_decoder_loop_memory_per_step_not_above_torch(kind):
 # Peak of one cell step's forward+backward from a zero state with an input that needs no gradient (the first step
 # of a decoder fed precomputed features), ours / torch.nn's, B128 H128: at most these. Before the backward skipped
 # the gradients nobody asked for and allocated its results after the loop's workspaces, LSTMCell / GRUCell /
-# RNNCell: 1.60 / 1.63 / 1.40 (a loss on h); this test now measures 1.33 / 1.46 / 1.00. What remains for LSTM and GRU is the step's reserve, which the graph node holds until its
-# backward returns, while torch.nn's unfused step frees its gate values as its own nodes finish.
+# RNNCell: 1.60 / 1.63 / 1.40 (zero states passed as hx); this test now measures 1.33 / 1.46 / 1.00. What remains
+# for LSTM and GRU is the step's reserve, which the graph node holds until its backward returns, while torch.nn's
+# unfused step frees its gate values as its own nodes finish.
 ONE_STEP_PEAK_BOUND = {"LSTMCell": 1.36, "GRUCell": 1.48, "RNNCell": 1.01}
 
 
