@@ -189,6 +189,48 @@ def test_opcheck_triton():
     bargs = (mode, *(t.float() for t in grads), det(a["x"]), a["batch_sizes"], det(a["hx"]), det(a["cx"]),
              [w.detach() for w in a["weights"]], True, 2, y, reserve, "triton")
     torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, bargs)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_layer_backward.default, (*bargs, [False, True, False]))
+
+
+@interp_only
+@pytest.mark.parametrize("mode,D,P", [("lstm", 2, None), ("gru", 1, None), ("lstm", 1, 5)],
+                         ids=["lstm-bi", "gru", "proj"])
+def test_layer_output_mask(mode, D, P):
+    """backward's output_mask (x, the states, the weights): what is asked for is bitwise the full backward's (the
+    skipped GEMMs change nothing else), the rest empty [0]."""
+    case, grads = _layer_case(mode, 4, 3, I=5, H=8, D=D, has_biases=True, lengths=[4, 3, 1], P=P, seed=5)
+    a = _cast(case, torch.float32)
+    y, _, _, res = launch.forward(mode, a["x"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], True, D, True)
+    args = (mode, *(t.float() for t in grads), a["x"], a["batch_sizes"], a["hx"], a["cx"], a["weights"], True, D, y,
+            res)
+    full = launch.backward(*args)
+    for mask in [(False, True, True), (True, False, True), (True, True, False), (False, False, True)]:
+        gx, ghx, gcx, gws = launch.backward(*args, output_mask=mask)
+        pairs = [(gx, full[0], mask[0]), (ghx, full[1], mask[1]), *((g, w, mask[2]) for g, w in zip(gws, full[3]))]
+        if mode == "lstm":
+            pairs.append((gcx, full[2], mask[1]))
+        for got, want, asked in pairs:
+            assert torch.equal(got, want) if asked else got.numel() == 0, mask
+
+
+@interp_only
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_module_gradients_only_where_needed(kind):
+    """A 2-layer module whose input needs no gradient and whose first layer is frozen: the gradients that are
+    needed are torch.nn's (float32 rounding), the others None (the op asks the backend for those only)."""
+    ref, ours = make_pair(kind, 3, 8, num_layers=2, backend="triton", dtype=torch.float32)
+    x = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    results = []
+    for m in (ref, ours):
+        for name, p in m.named_parameters():
+            p.requires_grad_("_l0" not in name)
+        y, _ = m(x)
+        (y * torch.arange(y.numel(), dtype=torch.float32).view_as(y).cos()).sum().backward()
+        results.append([p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 @interp_only

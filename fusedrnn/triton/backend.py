@@ -19,6 +19,7 @@ class TritonBackend(Backend):
     accumulation; LSTM (with or without proj_size), GRU, RNN (tanh/relu), bidirectional, packed."""
 
     name = "triton"
+    takes_output_mask = True  # launch.backward skips the GEMMs of gradients not asked for
 
     def supports(self, device: torch.device, dtype: torch.dtype, mode: str, has_proj: bool) -> bool:
         if dtype not in _DTYPES or mode not in MODES or (has_proj and mode != "lstm"):
@@ -32,6 +33,6 @@ class TritonBackend(Backend):
         return launch.forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train)
 
     def backward(self, mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
-                 num_directions, y, reserve):
+                 num_directions, y, reserve, output_mask=(True, True, True)):
         return launch.backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases,
-                               num_directions, y, reserve)
+                               num_directions, y, reserve, output_mask=tuple(output_mask))

@@ -159,9 +159,12 @@ def forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, t
 
 
 def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
-             reserve, blocks=None):
+             reserve, blocks=None, output_mask=(True, True, True)):
     """Gradients of one layer: grad_y [N, D*P], grad_hy [D, B, P], grad_cy [D, B, H] ([0] unless LSTM) ->
-    grad_x [N, I], grad_hx [D, B, P], grad_cx [D, B, H] or [0], weight grads in the order of `weights`."""
+    grad_x [N, I], grad_hx [D, B, P], grad_cx [D, B, H] or [0], weight grads in the order of `weights`.
+    output_mask (x, the states, the weights): each gradient not asked for comes back as an empty [0] and its GEMMs
+    are skipped (grad_x's, the weight gradients'; the states' come out of the time loop's kernel anyway)."""
+    need_x, need_state, need_w = output_mask
     D, G, GD = num_directions, _GATES[mode], _GD[mode]
     is_lstm, is_gru = mode == "lstm", mode == "gru"
     groups, has_proj = _split(mode, weights, has_biases, D)
@@ -181,8 +184,8 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
             grad_cx.copy_(grad_cy)
         grads = []
         for g in groups:
-            grads += [torch.zeros_like(w) for w in g]
-        return x.new_zeros(N, I), grad_hx, grad_cx, grads
+            grads += [torch.zeros_like(w) if need_w else x.new_empty(0) for w in g]
+        return _masked(x.new_zeros(N, I), grad_hx, grad_cx, grads, x, need_x, need_state)
     bs_d, offs_d, bs, offs = _steps(batch_sizes, dev)
     w_hh = torch.stack([g[1] for g in groups], 0).contiguous()       # [D, G*H, P]
     w_hr = torch.stack([g[-1] for g in groups], 0).contiguous() if has_proj else w_hh   # [D, P, H]
@@ -211,7 +214,7 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
         )
     # weight / input gradients: torch GEMMs over dG
     grad_x = None
-    if not is_gru:   # one GEMM for both directions: [N, D*G*H] @ [D*G*H, I]
+    if not is_gru and need_x:   # one GEMM for both directions: [N, D*G*H] @ [D*G*H, I]
         grad_x = torch.mm(dg, torch.cat([g[0] for g in groups], 0))
     dg = dg.view(N, D, GD * H)
     grads = []
@@ -222,9 +225,12 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
             dgh = dg_d[:, :3 * H]                                      # [N, 3H] (dr, dz, dhn)
         else:
             dgi = dgh = dg_d
-        if is_gru:
+        if is_gru and need_x:
             gx = torch.mm(dgi, g[0])
             grad_x = gx if grad_x is None else grad_x.add_(gx)
+        if not need_w:
+            grads += [x.new_empty(0) for _ in g]
+            continue
         grads.append(torch.mm(dgi.t(), x))
         grads.append(torch.mm(dgh.t(), hprev[d]))
         if has_biases:
@@ -233,4 +239,13 @@ def backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, ha
         if has_proj:   # dW_hr = dh^T h_full, h_full = o * tanh(c) recomputed from the reserve
             h_full = reserve[d, :, 3 * H:4 * H] * torch.tanh(reserve[d, :, 4 * H:])
             grads.append(torch.mm(dhp[:, d * P:(d + 1) * P].t(), h_full))
+    return _masked(grad_x, grad_hx, grad_cx, grads, x, need_x, need_state)
+
+
+def _masked(grad_x, grad_hx, grad_cx, grads, x, need_x, need_state):
+    """backward's results with grad_x, and the states' gradients, replaced by empty [0] tensors where not asked for."""
+    if not need_x:
+        grad_x = x.new_empty(0)
+    if not need_state:
+        grad_hx, grad_cx = x.new_empty(0), x.new_empty(0)
     return grad_x, grad_hx, grad_cx, grads
