@@ -28,8 +28,7 @@ PRELOAD="$LIBASAN $(gcc -print-file-name=libstdc++.so)"
 #    replace it: the objects of a previous run are rebuilt exactly where a source changed. (With the sources' own
 #    times, an edit made while a previous run was building looked older than that run's object, and ninja kept
 #    the stale object.)
-mkdir -p "$SRC" "$WORK/incoming"
-rm -rf "$WORK/incoming" && mkdir -p "$WORK/incoming"
+rm -rf "$WORK/incoming" && mkdir -p "$SRC" "$WORK/incoming"
 (cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) \
   | tar -m -xf - -C "$WORK/incoming"
 (cd "$WORK/incoming" && find . -type f -print0) | while IFS= read -r -d '' f; do

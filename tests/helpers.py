@@ -102,3 +102,15 @@ def check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, backend, layers=
     o64, g64 = outputs_and_grads(nn64, make64)
     assert_low_precision(o, o_lp, o64, f"{kind} {dtype} outputs")
     assert_low_precision(g, g_lp, g64, f"{kind} {dtype} grads")
+
+
+def assert_masked_grads(masked, full, mask, lstm):
+    """A backward run with output_mask `mask` (x, the states, the weights) against the same backward run in full,
+    both (grad_x, grad_hx, grad_cx, grad_weights): each gradient asked for is bitwise the full one (skipping the
+    others' work changes nothing else), each one not asked for an empty [0]."""
+    pairs = [(masked[0], full[0], mask[0]), (masked[1], full[1], mask[1]),
+             *((m, f, mask[2]) for m, f in zip(masked[3], full[3], strict=True))]
+    if lstm:
+        pairs.append((masked[2], full[2], mask[1]))
+    for got, want, asked in pairs:
+        assert torch.equal(got, want) if asked else got.numel() == 0, mask

@@ -322,7 +322,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
   // would take them; forward+backward time gathered on oneDNN / views on BLAS, EPYC Zen 5: LSTM bidirectional T100
   // B16 H256 0.87, 2 layers 0.90, B64 H512 0.91).
   const bool hprev_views = uniform && !half && !(dnnl && L.D == 2);
-  // Without weight gradients the backward never needs H_prev (dW_hh's operand), nor x beyond the time loop.
+  // Without weight gradients the backward never needs H_prev gathered (it is only dW_hh's operand).
   const bool gather_hprev = need.weights && !hprev_views;
   auto run_direction = [&](int64_t d) {
     const Dir<T> dir_all = make_dir<T>(L, d, ws, {}, Tensor(), hx, cx, y_mut, res_dir);
