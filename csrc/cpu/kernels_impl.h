@@ -208,6 +208,10 @@ inline void store_h(const FwdArgs<T>& a, int64_t j, int64_t k, const Vec<T>& h, 
 // figures: `python benchmarks/gate_micro.py` (LSTM 16.8). With two, in the modules (2 threads, forward,
 // time one at a time / two): GRU T500 B32 H128 1.030, T100 B16 H256 1.017, LSTM T500 B32 H128 1.021, B16 1.006,
 // B64 H512 1.025, RNN T200 1.004. What is left of a row runs two vectors, then one at a time, the last n lanes wide.
+// On an AVX2-only CPU (AMD EPYC Zen 1, cpuid family 23), four at a time in the AVX2 build gained nothing
+// measurable: the same microbenchmark built with --build avx2, ns a vector of 8 units, two / four, three pairs run
+// alternately (the machine's speed drifting by up to 25% between runs): LSTM 104.6 / 117.6, 113.0 / 90.6, 86.7 /
+// 89.0; GRU 66.7 / 76.5, 80.2 / 56.6, 57.4 / 56.8; LSTM backward 32.1 / 42.4, 46.5 / 30.3, 32.0 / 31.1.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kGateVecs = 4;
 #else
