@@ -378,7 +378,8 @@ class _FusedCellBase(nn.RNNCellBase):
     def _cpu_cell(self, mode, input, hx, weights):
         """The step as one dispatcher call whose autograd node is in C++ (csrc/cpu/cell.cpp): a decoder loop pays
         this path's fixed cost at every step."""
-        h, c, _ = _cpu_cell()(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
+        op = _CPU_CELL[0] if _CPU_CELL else _cpu_cell()
+        h, c, _ = op(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
         return (h, c) if mode == "lstm" else (h,)
 
     def _cell_general(self, input: Tensor, hx, weights, mode):
@@ -473,7 +474,11 @@ def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
             backend = _RESOLVED[key] = resolve(cell.backend, input.device, dt, mode, False)
         except RuntimeError:  # (_cell_general raises it)
             return False
-    return backend == "cpu" and _cell_op_applies()  # (the tensors' types are checked above)
+    # _cell_op_applies() (the tensors' types are checked above), its calls inlined: a decoder loop pays each Python
+    # call level at every step (torch.jit.is_scripting is left out: the modules refuse scripting).
+    return (backend == "cpu" and not torch.compiler.is_compiling() and not torch._C._is_tracing()
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.maybe_current_level() is None and not debug.nan_fill_enabled())
 
 
 # resolve()'s answers for CPU cells, keyed by what they depend on (the registry by its generation).

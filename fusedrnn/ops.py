@@ -279,7 +279,7 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _plain_eager(tensors) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch._C._is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
