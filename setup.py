@@ -52,7 +52,7 @@ def _cpu_extension():
         extra_link_args=["-fopenmp"],
         depends=[os.path.join("csrc", p)
                  for p in ("common.h", "cpu/kernels.h", "cpu/kernels_impl.h", "cpu/kernels_products.h", "cpu/layer.h",
-                           "cpu/layer_loops.h")],
+                           "cpu/layer_loops.h", "cpu/machine.h")],
     )
 
 

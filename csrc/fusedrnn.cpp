@@ -87,6 +87,10 @@ static PyObject* gemm_library(PyObject*, PyObject*) {
   return PyUnicode_FromString(fusedrnn::cpu::gemm_library().c_str());
 }
 
+static PyObject* loop_threads(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(fusedrnn::cpu::loop_thread_count()));
+}
+
 static PyMethodDef kMethods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "set_cpu_capability(name): 'auto' (the best this CPU runs, the default), 'default' (baseline build), 'avx2' or "
@@ -97,6 +101,8 @@ static PyMethodDef kMethods[] = {
      "Whether the bfloat16 layers can use the AMX kernel (the CPU has AMX-BF16, the OS granted the tile state)."},
     {"gemm_library", gemm_library, METH_NOARGS,
      "What the float32 layers' input projections run on now: 'onednn' or 'blas'."},
+    {"loop_threads", loop_threads, METH_NOARGS,
+     "Threads the small-batch loops split into now: torch's intra-op threads, at most the CPUs usable."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

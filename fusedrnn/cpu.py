@@ -51,6 +51,14 @@ def gemm_library() -> str:
     return _C.gemm_library()
 
 
+def loop_threads() -> int:
+    """Threads the small-batch loops (the per-step barrier loops of batches up to 64) split into now:
+    torch.get_num_threads(), but never more than the CPUs this process can use (its affinity mask, and a cgroup
+    CPU quota where one is set): more threads than CPUs would leave every step waiting for a descheduled thread.
+    FUSEDRNN_CPU_THREADS=n sets the CPU count instead."""
+    return int(_C.loop_threads())
+
+
 def capability() -> str:
     """The kernel build in use: 'DEFAULT', 'AVX2' or 'AVX512'."""
     return _C.cpu_capability()

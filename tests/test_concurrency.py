@@ -101,3 +101,71 @@ def test_cpu_kernels_release_the_gil():
     rate = counted / elapsed
     print(f"counter: {rate:.3g}/s while the kernels ran ({elapsed:.2f} s) vs {base:.3g}/s alone")
     assert rate >= 0.1 * base, f"counter ran at {rate / base:.1%} of its solo rate: the kernels hold the GIL"
+
+
+def _usable_cpus():
+    """The CPUs this process can use, as the cpu backend counts them: the affinity mask, capped by a cgroup CPU
+    quota (v2 cpu.max, else v1 cfs quota / period), rounded up."""
+    import os
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def cap(quota, period):
+        return min(n, -(-quota // period)) if quota > 0 and period > 0 else n
+
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        return n if quota == "max" else cap(int(quota), int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as fq, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as fp:
+            return cap(int(fq.read()), int(fp.read()))
+    except (OSError, ValueError):
+        return n
+
+
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("torch_threads", [1, 2, 3, 8])
+def test_small_batch_loops_never_use_more_threads_than_cpus(torch_threads, monkeypatch):
+    """The barrier loops split into torch's intra-op threads but never more than the usable CPUs (with 8 threads
+    on 2 CPUs every step waited for a descheduled thread: LSTM T100 B1 H256 forward 9x slower);
+    FUSEDRNN_CPU_THREADS sets the CPU count instead."""
+    from fusedrnn import cpu
+    before = torch.get_num_threads()
+    monkeypatch.delenv("FUSEDRNN_CPU_THREADS", raising=False)
+    try:
+        torch.set_num_threads(torch_threads)
+        assert cpu.loop_threads() == min(torch_threads, _usable_cpus())
+        monkeypatch.setenv("FUSEDRNN_CPU_THREADS", "1")
+        assert cpu.loop_threads() == 1
+        monkeypatch.setenv("FUSEDRNN_CPU_THREADS", "64")
+        assert cpu.loop_threads() == torch_threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("cpus", ["-", "3", "8"])
+@pytest.mark.parametrize("kind,batch", [("LSTM", 1), ("GRU", 24), ("RNN", 3)])
+def test_oversubscribed_threads_give_the_same_results(kind, batch, cpus, monkeypatch):
+    """torch set to 8 threads: the small-batch loops (H 256: up to 8 hidden slices at batch 1 and 3, batch blocks
+    at 24 on 3 threads; both directions) on as many threads as the CPUs allow, or on 3 or 8 whatever the machine
+    has (FUSEDRNN_CPU_THREADS), match torch.nn in float64, forward and every gradient."""
+    if cpus != "-":
+        monkeypatch.setenv("FUSEDRNN_CPU_THREADS", cpus)
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        ref, ours = make_pair(kind, 7, 256, bidirectional=True, backend="cpu")
+        x = torch.randn(9, batch, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        outs = []
+        for m in (ref, ours):
+            xx = x.clone().requires_grad_()
+            y, _ = m(xx)
+            (y * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).sum().backward()
+            outs.append([y, xx.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(before)

@@ -557,6 +557,8 @@ bool capability_available(Capability c) { return c <= cpu_best(); }
 
 std::string gemm_library() { return onednn_matmul() ? "onednn" : "blas"; }
 
+int64_t loop_thread_count() { return loops::loop_threads(); }
+
 void force_capability(int which) {
   TORCH_CHECK(which < 0 || capability_available(static_cast<Capability>(which)),
               "fusedrnn: that kernel build is not compiled in or this CPU cannot run it");

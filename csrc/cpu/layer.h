@@ -49,4 +49,7 @@ std::string active_capability();
 // The library the float32 input projections run on now: "onednn" or "blas" (layer_loops.h, onednn_matmul).
 std::string gemm_library();
 
+// Threads the persistent loops split into now (layer_loops.h, loop_threads).
+int64_t loop_thread_count();
+
 }  // namespace fusedrnn::cpu

@@ -31,6 +31,7 @@
 
 #include "../common.h"
 #include "layer.h"
+#include "machine.h"
 
 namespace fusedrnn::cpu::loops {
 
@@ -95,41 +96,6 @@ void* blas_symbol() {
 // default on AMD CPUs, where MKL's sgemm runs well below oneDNN's (AMD EPYC Zen 4, 2 threads, GFLOP/s, MKL /
 // oneDNN: 1600 x 256 x 1024 ~140 / ~165, 1600 x 512 x 2048 ~120 / ~200). On Intel CPUs MKL stays.
 using dnnl_matmul_fn = void (*)(const Tensor&, const Tensor&, const Tensor&, float, float);
-
-inline bool cpu_is_amd() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool amd = [] {
-    unsigned a, b, c, d;
-    __asm__ __volatile__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
-    char v[13];
-    std::memcpy(v, &b, 4);
-    std::memcpy(v + 4, &d, 4);
-    std::memcpy(v + 8, &c, 4);
-    v[12] = 0;
-    return std::strcmp(v, "AuthenticAMD") == 0 || std::strcmp(v, "HygonGenuine") == 0;
-  }();
-  return amd;
-#else
-  return false;
-#endif
-}
-
-// AMD's CPU family (cpuid leaf 1: base family, plus the extended family where the base is 0xF), 0 elsewhere.
-// 0x19: Zen 3 and Zen 4 (AVX-512 as two 256-bit halves); 0x1A: Zen 5 (full 512-bit datapaths).
-inline unsigned amd_family() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const unsigned fam = [] {
-    if (!cpu_is_amd()) return 0u;
-    unsigned a, b, c, d;
-    __asm__ __volatile__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
-    const unsigned base = (a >> 8) & 0xF, ext = (a >> 20) & 0xFF;
-    return base == 0xF ? base + ext : base;
-  }();
-  return fam;
-#else
-  return 0;
-#endif
-}
 
 inline std::atomic<bool> g_dnnl_failed{false};  // it refused once (a CPU below its ISA): BLAS from then on
 
@@ -339,7 +305,7 @@ Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const
 // Number of thread slices for the small-batch loops: enough columns per thread to amortise a barrier.
 inline int64_t small_slices(const Layout& L) {
   if (at::in_parallel_region()) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(L.H, L.P) / 32));
+  return std::max<int64_t>(1, std::min<int64_t>(loop_threads(), std::min(L.H, L.P) / 32));
 }
 
 // The persistent (thread-sliced matrix-vector) loops or the GEMM-per-step loops. Persistent: batches of up to 8,
@@ -368,15 +334,6 @@ inline bool small_batch(const Layout& L, bool forward) {
   return slice_bytes <= kPersistentMaxSliceBytes;
 }
 
-// Bytes of one core's L2 cache (as the OS reports it; 512 KiB where it does not).
-inline int64_t l2_bytes() {
-  static const int64_t l2 = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? static_cast<int64_t>(v) : int64_t(512) * 1024;
-  }();
-  return l2;
-}
-
 // Bidirectional layers on 2 or 3 threads: each direction runs whole on a thread of its own (its persistent loop
 // with one slice), so no step waits at a barrier and no thread reads the h another wrote; the other direction's
 // work is the same size, so neither waits long at the end. Each thread then streams all of its direction's W_hh
@@ -388,7 +345,7 @@ inline bool directions_in_parallel(const Layout& L, bool small, size_t elem_byte
     if (std::strcmp(e, "parallel") == 0) return true;
     if (std::strcmp(e, "serial") == 0) return false;
   }
-  const int threads = at::get_num_threads();
+  const int64_t threads = loop_threads();
   if (threads < 2 || threads > 3) return false;
   return L.G * L.H * L.P * static_cast<int64_t>(elem_bytes) <= l2_bytes() / 2;
 }
@@ -425,7 +382,7 @@ inline int64_t block_cost(const std::vector<int64_t>& len, const std::vector<int
 inline std::vector<int64_t> batch_blocks(const Layout& L, bool small, size_t elem_bytes) {
   const std::vector<int64_t> whole{0, L.B};
   if (!small || L.T == 0 || at::in_parallel_region()) return whole;
-  const int64_t nblk = std::min<int64_t>(at::get_num_threads(), L.B);
+  const int64_t nblk = std::min<int64_t>(loop_threads(), L.B);
   // Lengths that vary (under 90% of B*T tokens): blocks of long sequences spend many steps with few rows, where a
   // step costs the stream of all of W_hh from L2 (a thread slice streams half); split only while W_hh is small
   // and the blocks are too small for the sliced loop's register blocks to pay.
