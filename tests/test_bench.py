@@ -358,6 +358,20 @@ def test_plots_without_matplotlib(monkeypatch, tiny_results, tmp_path):
     assert "matplotlib is not installed" in text
 
 
+def test_cpu_backend_line_names_the_loop_threads():
+    """The header's cpu-backend line says how many threads the small-batch loops split into (torch's threads,
+    capped at the usable CPUs), from what the extension reports; results from before the key omit it."""
+    from fusedrnn.bench import machine
+    line = report._cpu_backend({"capability": "AVX512", "gemm": "blas", "amx": False, "loop_threads": 3})
+    assert line.endswith("AMX no, small-batch loops on 3 threads"), line
+    assert "loops" not in report._cpu_backend({"capability": "AVX512", "gemm": "blas", "amx": False})
+    info = machine.fusedrnn_cpu_info()
+    if info is None:
+        pytest.skip("the cpu extension is not built")
+    from fusedrnn import cpu
+    assert info["loop_threads"] == cpu.loop_threads() >= 1
+
+
 def test_load_warning():
     res = {"machine": {"device": "cpu", "cpu_count": 2, "threads": 2, "load_avg": [4.0, 1, 1]}}
     assert "loaded" in report.load_warning(res)

@@ -45,11 +45,13 @@ def fusedrnn_version() -> str | None:
 
 
 def fusedrnn_cpu_info() -> dict | None:
-    """The cpu backend's choices on this machine: kernel build, what its float32 input projections run on, AMX."""
+    """The cpu backend's choices on this machine: kernel build, what its float32 input projections run on, AMX, and
+    the threads its small-batch loops split into (torch's, capped at the CPUs the process can use)."""
     try:
         from fusedrnn import cpu
 
-        return {"capability": cpu.capability(), "gemm": cpu.gemm_library(), "amx": cpu.amx_available()}
+        return {"capability": cpu.capability(), "gemm": cpu.gemm_library(), "amx": cpu.amx_available(),
+                "loop_threads": cpu.loop_threads()}
     except Exception:  # noqa: BLE001 - the extension is not built: the header says so
         return None
 

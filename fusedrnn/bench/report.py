@@ -33,7 +33,8 @@ def _cpu_backend(c) -> str:
         return "-"
     return (f"{c.get('capability')} kernels, float32 input projections on {c.get('gemm')}"
             f"{' (and LSTM backward but small chunks, per-step products above batch 64)' if c.get('gemm') == 'onednn' else ''}, "
-            f"AMX {'yes' if c.get('amx') else 'no'}")
+            f"AMX {'yes' if c.get('amx') else 'no'}"
+            + (f", small-batch loops on {c['loop_threads']} threads" if c.get("loop_threads") else ""))
 
 
 def _load(v) -> str:

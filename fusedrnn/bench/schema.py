@@ -4,8 +4,8 @@ Top level (a dict):
     schema            "fusedrnn-bench"
     schema_version    int (this file's SCHEMA_VERSION)
     machine           dict: date_utc, device, device_name, cpu_model, cpu_count, threads, torch, cuda, cudnn,
-                      triton, git_commit, fusedrnn (version), fusedrnn_cpu ({capability, gemm, amx} or null),
-                      load_avg, ...
+                      triton, git_commit, fusedrnn (version), fusedrnn_cpu ({capability, gemm, amx,
+                      loop_threads} or null), load_avg, ...
     gemm_peak         {dtype name: {n, dtype, gflops, gflops_median, library[, gflops_start, gflops_end]}}  best
                       n^3 matmul, the better of the measurements before and after the run; library: what ran
                       it, the faster of "blas" and "onednn" on the CPU ("cublas" on a GPU; absent in older files)
