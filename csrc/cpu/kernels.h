@@ -82,6 +82,9 @@ struct KernelTable {
   // out[j, r] (+)= sum_k h_j[k] W[r, k] for j < b, r < NR (b taken in register blocks of 8).  W: [NR, K] row stride ldw; out row stride ldo.
   void (*matvec)(const T* W, int64_t ldw, int64_t NR, int64_t K, const RowSrc<T>& h, int64_t b, T* out,
                  int64_t ldo, bool accumulate);
+  // The same with 8 weight rows a block at batch 1 (16 in matvec with AVX-512 float): see short_matvec_blocks().
+  void (*matvec_short)(const T* W, int64_t ldw, int64_t NR, int64_t K, const RowSrc<T>& h, int64_t b, T* out,
+                       int64_t ldo, bool accumulate);
   // out[j, c] (+)= sum_r g[j, r] W[r, c] for j < b, c in [c0, c1), r < R (b in blocks of 8).  W: [R, *]; g: [b, R].
   void (*vecmat)(const T* W, int64_t ldw, int64_t R, int64_t c0, int64_t c1, const T* g, int64_t ldg, int64_t b,
                  T* out, int64_t ldo, bool accumulate);

@@ -448,6 +448,7 @@ KernelTable<T> make_table() {
   t.bwd[kRNNTanh] = rnn_bwd<T, false>;
   t.bwd[kRNNRelu] = rnn_bwd<T, true>;
   t.matvec = matvec<T>;
+  t.matvec_short = matvec<T, true>;
   t.vecmat = vecmat<T>;
   t.vec = Vec<T>::size();
   t.panel_vecs = kPanelVecs;

@@ -127,16 +127,17 @@ constexpr int matvec_rows() {
   return NB == 1 ? 8 : NB == 2 ? 4 : NB <= 4 ? 2 : 1;
 }
 
-template <typename T, int NB>
+template <typename T, int NB, int NR = matvec_rows<T, NB>()>
 void matvec_nb(const T* W, int64_t ldw, int64_t NRows, int64_t K, const T* const* h, T* out, int64_t ldo,
                bool accumulate) {
-  constexpr int NR = matvec_rows<T, NB>();
   int64_t r = 0;
   for (; r + NR <= NRows; r += NR) matvec_block<T, NB, NR>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
   for (; r < NRows; ++r) matvec_block<T, NB, 1>(W + r * ldw, ldw, K, h, out + r, ldo, accumulate);
 }
 
-template <typename T>
+// kShortBlocks: batch-1 products take 8 weight rows a block (KernelTable::matvec_short) instead of
+// matvec_rows' choice (16 with AVX-512 float; elsewhere already 8).
+template <typename T, bool kShortBlocks = false>
 void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& hs, int64_t b, T* out,
             int64_t ldo, bool accumulate) {
   for (int64_t j0 = 0; j0 < b; j0 += kSmallBatch) {  // batch rows in register blocks of up to 8
@@ -145,7 +146,10 @@ void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& 
     for (int64_t j = 0; j < nb; ++j) h[j] = hs.row(j0 + j);
     T* o = out + j0 * ldo;
     switch (nb) {
-      case 1: matvec_nb<T, 1>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
+      case 1:
+        if constexpr (kShortBlocks) matvec_nb<T, 1, 8>(W, ldw, NRows, K, h, o, ldo, accumulate);
+        else matvec_nb<T, 1>(W, ldw, NRows, K, h, o, ldo, accumulate);
+        break;
       case 2: matvec_nb<T, 2>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
       case 3: matvec_nb<T, 3>(W, ldw, NRows, K, h, o, ldo, accumulate); break;
       case 4: matvec_nb<T, 4>(W, ldw, NRows, K, h, o, ldo, accumulate); break;

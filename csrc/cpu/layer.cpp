@@ -227,6 +227,7 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
   T* hg = scratch.hg ? scratch.hg + dir.j0 * GH : nullptr;
   T* hf = scratch.hf ? scratch.hf + dir.j0 * H : nullptr;
   T* rec_out = L.mode == kGRU ? hg : nullptr;  // GRU: h_prev W_hh^T apart; else accumulated into the XG rows
+  const auto mv = short_matvec_blocks() ? K.matvec_short : K.matvec;
   SpinBarrier barrier(S);
   at::parallel_for(0, S, 1, [&](int64_t sl0, int64_t sl1) {
     if (amx) AMX::tile_config();
@@ -249,7 +250,7 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
             }
           }
           if (!pk.p) {
-            K.matvec(dir.w_hh + (g * H + k0) * P, P, k1 - k0, P, hp, b, out + g * H + k0, ldo, !rec_out);
+            mv(dir.w_hh + (g * H + k0) * P, P, k1 - k0, P, hp, b, out + g * H + k0, ldo, !rec_out);
             continue;
           }
           const T* wp = pk.p + sl * pk.pstride + g * pk.gw * P;
@@ -273,7 +274,7 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
             K.panel_gemm(pk.pr + sl * pk.prstride + c * H, H, w, hfs, b, dir.y_row(t) + p0 + c, dir.ldy, false);
           });
         } else {
-          K.matvec(dir.w_hr + p0 * H, H, p1 - p0, H, hfs, b, dir.y_row(t) + p0, dir.ldy, false);
+          mv(dir.w_hr + p0 * H, H, p1 - p0, H, hfs, b, dir.y_row(t) + p0, dir.ldy, false);
         }
         for (int64_t j = 0; j < b; ++j)
           std::memcpy(h + j * P + p0, dir.y_row(t) + j * dir.ldy + p0, (p1 - p0) * sizeof(T));
@@ -376,8 +377,9 @@ void small_projection(Tensor& out, const Tensor& x_, const Tensor& w_) {
   const RowSrc<T> rows{x.data_ptr<T>(), k, m, nullptr, 0};
   T* o = out.data_ptr<T>();
   const T* W = w.data_ptr<T>();
+  const auto mv = short_matvec_blocks() ? K.matvec_short : K.matvec;
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    K.matvec(W + r0 * k, k, r1 - r0, k, rows, m, o + r0, ldo, false);
+    mv(W + r0 * k, k, r1 - r0, k, rows, m, o + r0, ldo, false);
   });
 }
 

@@ -61,6 +61,21 @@ inline int64_t l2_bytes() {
   return l2;
 }
 
+// Whether the batch-1 matrix-vector products (KernelTable::matvec_short) take 8 weight rows a block rather than
+// 16 (AVX-512 float; each row of a block is a stream of W_hh from L2, and fewer streams run faster on an AMD
+// Zen 4: a microbenchmark streamed a 512 KiB slice at 94-104 GB/s with 8 rows against 85-94 with 16). 2 threads,
+// time 8 rows / 16, paired (benchmarks/knob_ab.py, 40 rounds): forward LSTM T100 B1 H256 0.90, H512 0.89, H128
+// 0.975, H512 P128 0.91, GRU H256 0.94, RNN T200 H256 0.95; forward+backward (whose backward does not use it) LSTM
+// H256 0.99, GRU 0.98. Other CPUs were not measured and keep 16. FUSEDRNN_CPU_MATVEC_ROWS=8|16 overrides (tests
+// run both).
+inline bool short_matvec_blocks() {
+  if (const char* e = std::getenv("FUSEDRNN_CPU_MATVEC_ROWS")) {
+    if (std::strcmp(e, "8") == 0) return true;
+    if (std::strcmp(e, "16") == 0) return false;
+  }
+  return amd_family() == 0x19;
+}
+
 // CPUs this process can run on at once: its affinity mask, capped by a cgroup CPU quota where one is set (a
 // container's --cpus: cgroup v2 cpu.max, v1 cpu.cfs_quota_us / cpu.cfs_period_us), rounded up. Read once.
 inline int64_t usable_cpus() {
