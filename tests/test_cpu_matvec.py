@@ -1,7 +1,7 @@
 """The cpu backend's batch-1 matrix-vector products in both block heights (FUSEDRNN_CPU_MATVEC_ROWS: 8 weight rows
-a block, the default on AMD Zen 4, or 16, AVX-512's default elsewhere): float32 layers and cells at batch 1, hidden
-sizes that leave partial blocks and partial thread slices, with and without a projection, forward and every
-gradient against torch.nn in float64."""
+a block, the default on Intel and AMD Zen 4, or 16, AVX-512's default on AMD Zen 5): float32 layers and cells at
+batch 1, hidden sizes that leave partial blocks and partial thread slices, with and without a projection, forward
+and every gradient against torch.nn in float64."""
 import pytest
 import torch
 

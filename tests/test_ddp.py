@@ -85,8 +85,8 @@ def _worker(rank, world, port, out_dir):
         raise
     # The results are on disk and no collective is in flight on either rank. Leave without tearing the process group
     # down: gloo's teardown at exit aborted rank 0 in two CI runs ("terminate called without an active exception"),
-    # the second with the barrier above already in place, while dozens of runs on a 2-core machine here never did. That teardown is
-    # torch.distributed's, not the code under test; os._exit skips it and the interpreter's finalisation.
+    # the second with the barrier above already in place, while about 80 runs on a 2-core machine here never did. That
+    # teardown is torch.distributed's, not the code under test; os._exit skips it and the interpreter's finalisation.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

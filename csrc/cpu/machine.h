@@ -66,14 +66,18 @@ inline int64_t l2_bytes() {
 // Zen 4: a microbenchmark streamed a 512 KiB slice at 94-104 GB/s with 8 rows against 85-94 with 16). 2 threads,
 // time 8 rows / 16, paired (benchmarks/knob_ab.py, 40 rounds): forward LSTM T100 B1 H256 0.90, H512 0.89, H128
 // 0.975, H512 P128 0.91, GRU H256 0.94, RNN T200 H256 0.95; forward+backward (whose backward does not use it) LSTM
-// H256 0.99, GRU 0.98. Other CPUs were not measured and keep 16. FUSEDRNN_CPU_MATVEC_ROWS=8|16 overrides (tests
-// run both).
+// H256 0.99, GRU 0.98. On an Intel Xeon with AMX (2 cores, 2 MiB of L2 each) too: the microbenchmark read a
+// 512 KiB slice (K 256) in 3.40 us with 8 rows against 3.72 with 16 (a plain stream 2.76), and the modules,
+// forward, 40 rounds, 8 / 16: LSTM T100 B1 H256 0.967-0.977, T400 0.959, H128 0.982, H512 0.990, H512 P128 0.968,
+// GRU 0.947, RNN T200 0.955; forward+backward LSTM 0.989, H512 0.999, GRU 0.994. AMD Zen 5 (family 0x1A) was not
+// measured and keeps 16 (its forward packs W_hh at batch 1-2 from 32 packed rows and runs the panels instead).
+// FUSEDRNN_CPU_MATVEC_ROWS=8|16 overrides (tests run both).
 inline bool short_matvec_blocks() {
   if (const char* e = std::getenv("FUSEDRNN_CPU_MATVEC_ROWS")) {
     if (std::strcmp(e, "8") == 0) return true;
     if (std::strcmp(e, "16") == 0) return false;
   }
-  return amd_family() == 0x19;
+  return !cpu_is_amd() || amd_family() == 0x19;
 }
 
 // CPUs this process can run on at once: its affinity mask, capped by a cgroup CPU quota where one is set (a
