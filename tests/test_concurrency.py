@@ -169,3 +169,37 @@ def test_oversubscribed_threads_give_the_same_results(kind, batch, cpus, monkeyp
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("split", ["-", "hidden"])
+@pytest.mark.parametrize("kind,H,batch", [("LSTM", 64, 1), ("GRU", 72, 8), ("RNN", 128, 3)])
+def test_small_steps_on_one_thread_or_in_slices(kind, H, batch, split, monkeypatch):
+    """A step whose product is small (W_hh of at most 16 Ki weights, up to 8 rows) runs on one thread, with no
+    barrier, and a cell's input projection of so few weights too (layer_loops.h small_slices, layer.cpp
+    small_projection); FUSEDRNN_CPU_SPLIT=hidden keeps the two hidden slices. Either way a bidirectional layer on
+    variable lengths and a cell's step match torch.nn in float64, forward and every gradient."""
+    if split != "-":
+        monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", split)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(2)
+        ref, ours = make_pair(kind, H, H, bidirectional=True, backend="cpu")
+        x = torch.randn(6, batch, H, dtype=torch.float64, generator=g)
+        lengths = [6 - 5 * j // max(1, batch - 1) for j in range(batch)]
+        ref_cell, ours_cell = make_pair(kind + "Cell", H, H, backend="cpu")
+        xc = torch.randn(batch, H, dtype=torch.float64, generator=g)
+        outs = []
+        for m, cell in ((ref, ref_cell), (ours, ours_cell)):
+            xx, xxc = x.clone().requires_grad_(), xc.clone().requires_grad_()
+            y, _ = m(pack_padded_sequence(xx, lengths))
+            h = cell(xxc)
+            h = h[0] if isinstance(h, tuple) else h
+            w = torch.linspace(-1, 1, y.data.shape[-1], dtype=torch.float64)
+            ((y.data * w).sum() + (h * w[:H]).sum()).backward()
+            outs.append([y.data, h, xx.grad, xxc.grad] + [p.grad for p in (*m.parameters(), *cell.parameters())])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(before)

@@ -378,7 +378,10 @@ void small_projection(Tensor& out, const Tensor& x_, const Tensor& w_) {
   T* o = out.data_ptr<T>();
   const T* W = w.data_ptr<T>();
   const auto mv = short_matvec_blocks() ? K.matvec_short : K.matvec;
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+  // At most 8 rows of x: a thread's share is at least kOneSliceWeights of W_ih, as the recurrence's slices (a
+  // smaller product runs on the calling thread, without a fork and join).
+  const int64_t grain = std::max<int64_t>(64, m <= kSmallBatch ? kOneSliceWeights / k : 0);
+  at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
     mv(W + r0 * k, k, r1 - r0, k, rows, m, o + r0, ldo, false);
   });
 }

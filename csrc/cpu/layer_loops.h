@@ -302,9 +302,22 @@ Dir<T> make_dir(const Layout& L, int64_t d, const std::vector<Tensor>& ws, const
   return r;
 }
 
-// Number of thread slices for the small-batch loops: enough columns per thread to amortise a barrier.
+// Number of thread slices for the small-batch loops: enough columns per thread to amortise a barrier, and one
+// slice (no barrier, no thread reading the h another wrote) while a step's product is so small that the barrier
+// and the exchange of h cost more than a second thread saves: up to 8 rows with W_hh of at most kOneSliceWeights
+// elements (64 KiB in float32). A barrier round trip between two cores took ~230 ns on this Xeon, plus each
+// thread's read of the h the other wrote. Measured there (AVX-512, 2 threads, T100, I = H; knob_ab.py, 30 rounds,
+// time with one slice / two, forward | forward+backward): LSTM B1 H64 (16 Ki weights) 0.848 | 0.854, GRU B1 H64
+// 0.901 | 0.902, RNN B1 H128 0.927 | 0.918, LSTM B4 H64 1.013 and B8 0.970 | 0.987 (within the noise); above
+// the bound, where two slices stay: LSTM B1 H96 (36 Ki) 0.993 | 1.010, RNN B1 H192 1.045 forward, GRU B8 H96
+// 1.051. FUSEDRNN_CPU_SPLIT=hidden keeps the slices (tests).
+constexpr int64_t kOneSliceWeights = 16 * 1024;
+
 inline int64_t small_slices(const Layout& L) {
   if (at::in_parallel_region()) return 1;
+  const char* split = std::getenv("FUSEDRNN_CPU_SPLIT");
+  const bool forced = split && std::strcmp(split, "hidden") == 0;
+  if (!forced && L.B <= kSmallBatch && L.G * L.H * L.P <= kOneSliceWeights) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(loop_threads(), std::min(L.H, L.P) / 32));
 }
 
