@@ -50,12 +50,16 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// at::empty for outputs and workspaces that are written before they are read: NaN-filled in the debug mode.
-inline at::Tensor alloc(at::IntArrayRef size, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(size, options);
+// A new buffer t made ready for use: huge-page advice where it is large, NaN-filled in the debug mode.
+inline at::Tensor fresh_buffer(at::Tensor t) {
   advise_huge_pages(t);
   if (debug_nan() && t.is_floating_point()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
+}
+
+// at::empty for outputs and workspaces that are written before they are read: NaN-filled in the debug mode.
+inline at::Tensor alloc(at::IntArrayRef size, const at::TensorOptions& options) {
+  return fresh_buffer(at::empty(size, options));
 }
 
 struct Layout {

@@ -91,6 +91,15 @@ static PyObject* loop_threads(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(fusedrnn::cpu::loop_thread_count()));
 }
 
+static PyObject* empty_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(fusedrnn::cpu::empty_block_cache()));
+}
+
+static PyObject* cache_info(PyObject*, PyObject*) {
+  const auto [bytes, blocks] = fusedrnn::cpu::block_cache_idle();
+  return Py_BuildValue("(LL)", static_cast<long long>(bytes), static_cast<long long>(blocks));
+}
+
 static PyMethodDef kMethods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "set_cpu_capability(name): 'auto' (the best this CPU runs, the default), 'default' (baseline build), 'avx2' or "
@@ -103,6 +112,9 @@ static PyMethodDef kMethods[] = {
      "What the float32 layers' input projections run on now: 'onednn' or 'blas'."},
     {"loop_threads", loop_threads, METH_NOARGS,
      "Threads the small-batch loops split into now: torch's intra-op threads, at most the CPUs usable."},
+    {"empty_cache", empty_cache, METH_NOARGS,
+     "Frees the idle blocks of the large-buffer cache; returns their bytes."},
+    {"cache_info", cache_info, METH_NOARGS, "(idle bytes, idle blocks) of the large-buffer cache."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -1,6 +1,7 @@
 // One RNN layer over the whole sequence on the CPU: the forward and the public entry points (the shared
 // pieces and the overview: layer_loops.h; the backward: layer_backward.cpp).
 
+#include "block_cache.h"
 #include "layer_loops.h"
 
 #include <mutex>
@@ -437,7 +438,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);  // x may be half precision (see above)
   const int64_t GH = L.G * L.H;
   const auto out_opts = half ? x.options() : opts;
-  Tensor reserve = train ? alloc({L.D, L.N, L.R}, out_opts) : at::empty({0}, out_opts);
+  Tensor reserve = train ? alloc_cached({L.D, L.N, L.R}, out_opts) : at::empty({0}, out_opts);
   const Tensor bias = L.bias ? input_bias<T>(L, ws) : Tensor();
   // The input projections. Training LSTM / GRU: for the whole sequence straight into the first G*H columns of each
   // direction's reserve rows, where the gate pass overwrites them in place with the activated gates (the reserve
@@ -453,10 +454,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   // half: y is allocated at its first chunk's cast, after a one-chunk inference call has let go of its projection
   // buffer (else the buffer, the float32 window and y would all be held at once; GRU T100 B16 H256 bfloat16
   // inference peak 8.7 -> 7.9 MiB, as when y was cast whole at the end).
-  Tensor y = half ? Tensor() : alloc({L.N, L.D * L.P}, out_opts);
+  Tensor y = half ? Tensor() : alloc_cached({L.N, L.D * L.P}, out_opts);
   std::once_flag y_once;  // directions on their own threads: the first to get there allocates y
   auto y_out = [&]() -> Tensor& {
-    std::call_once(y_once, [&] { y = alloc({L.N, L.D * L.P}, out_opts); });
+    std::call_once(y_once, [&] { y = alloc_cached({L.N, L.D * L.P}, out_opts); });
     return y;
   };
   Tensor no_y, no_res;  // half: Dir's y and res are the windows
@@ -563,6 +564,13 @@ bool capability_available(Capability c) { return c <= cpu_best(); }
 std::string gemm_library() { return onednn_matmul() ? "onednn" : "blas"; }
 
 int64_t loop_thread_count() { return loops::loop_threads(); }
+
+int64_t empty_block_cache() { return static_cast<int64_t>(BlockCache::instance().clear()); }
+
+std::pair<int64_t, int64_t> block_cache_idle() {
+  const auto [bytes, blocks] = BlockCache::instance().idle();
+  return {static_cast<int64_t>(bytes), static_cast<int64_t>(blocks)};
+}
 
 void force_capability(int which) {
   TORCH_CHECK(which < 0 || capability_available(static_cast<Capability>(which)),

@@ -52,4 +52,9 @@ std::string gemm_library();
 // Threads the persistent loops split into now (layer_loops.h, loop_threads).
 int64_t loop_thread_count();
 
+// The cache of large blocks (block_cache.h): frees its idle blocks and returns their bytes; its idle bytes and
+// blocks.
+int64_t empty_block_cache();
+std::pair<int64_t, int64_t> block_cache_idle();
+
 }  // namespace fusedrnn::cpu

@@ -1,5 +1,6 @@
 // One RNN layer over the whole sequence on the CPU: the backward (overview: layer_loops.h).
 
+#include "block_cache.h"
 #include "layer_loops.h"
 
 namespace fusedrnn::cpu {
@@ -391,8 +392,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       if (first) {  // (d = 0 first where the directions take turns: d = 1 adds to its grad_x)
         if (need.weights)
           for (int64_t k = 0; k < L.group; ++k) gw[d * L.group + k] = alloc(ws[d * L.group + k].sizes(), opts);
-        if (need.x && d == 0) grad_x = alloc({L.N, L.I}, gx_chunks ? x.options() : opts);
-        if (need.x && d == 1 && parallel_dirs) grad_x_rev = alloc({L.N, L.I}, opts);
+        if (need.x && d == 0) grad_x = alloc_cached({L.N, L.I}, gx_chunks ? x.options() : opts);
+        if (need.x && d == 1 && parallel_dirs) grad_x_rev = alloc_cached({L.N, L.I}, opts);
       }
       // This chunk's share of the weight gradients and its rows of grad_x, while its workspaces are in cache.
       const Tensor buf = part_of(dg, 0, 0, rows);
