@@ -2,7 +2,8 @@
 training forward's reserve, y, the backward's grad_x) come from it and go back to it when freed, so a training loop
 reuses them instead of mapping and zeroing fresh pages every step. Results are bitwise those without it, a block is
 reused, the cache stays bounded and can be emptied, FUSEDRNN_CPU_CACHE=0 bypasses it, the tensors are ordinary
-(resizable) ones, the profiler sees the blocks while they are in use, and the debug mode NaN-fills a reused block."""
+(resizable) ones, the profiler sees the blocks while they are in use, and the debug mode on a reused block gives
+the plain mode's results."""
 import pytest
 import torch
 

@@ -57,6 +57,7 @@ class BlockCache {
   at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options) {
     const size_t bytes = static_cast<size_t>(c10::multiply_integers(size)) * options.dtype().itemsize();
     void* p = nullptr;
+    size_t got = bytes;
     {
       std::lock_guard<std::mutex> g(m_);
       size_t best = idle_.size();
@@ -66,8 +67,9 @@ class BlockCache {
       }
       if (best < idle_.size()) {
         p = idle_[best].ptr;
-        live_[p] = idle_[best].bytes;
-        idle_bytes_ -= idle_[best].bytes;
+        got = idle_[best].bytes;
+        live_[p] = got;
+        idle_bytes_ -= got;
         idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(best));
       }
     }
@@ -76,7 +78,7 @@ class BlockCache {
       std::lock_guard<std::mutex> g(m_);
       live_[p] = bytes;
     }
-    report(p, static_cast<int64_t>(live_bytes(p)));
+    report(p, static_cast<int64_t>(got));
     c10::DataPtr data(p, p, &BlockCache::release, c10::Device(c10::kCPU));
     auto storage = c10::make_intrusive<c10::StorageImpl>(c10::StorageImpl::use_byte_size_t(), bytes,
                                                          std::move(data), c10::GetCPUAllocator(), true);
@@ -138,11 +140,6 @@ class BlockCache {
     }
     report(p, -static_cast<int64_t>(bytes));
     for (void* q : drop) c10::free_cpu(q);
-  }
-
-  size_t live_bytes(void* p) {
-    std::lock_guard<std::mutex> g(m_);
-    return live_.at(p);
   }
 
   void report(void* p, int64_t delta) {
