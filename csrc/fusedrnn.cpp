@@ -97,7 +97,8 @@ static PyObject* empty_cache(PyObject*, PyObject*) {
 
 static PyObject* cache_info(PyObject*, PyObject*) {
   const auto [bytes, blocks] = fusedrnn::cpu::block_cache_idle();
-  return Py_BuildValue("(LL)", static_cast<long long>(bytes), static_cast<long long>(blocks));
+  return Py_BuildValue("(LLL)", static_cast<long long>(bytes), static_cast<long long>(blocks),
+                       static_cast<long long>(fusedrnn::cpu::block_cache_limit()));
 }
 
 static PyMethodDef kMethods[] = {
@@ -114,7 +115,8 @@ static PyMethodDef kMethods[] = {
      "Threads the small-batch loops split into now: torch's intra-op threads, at most the CPUs usable."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Frees the idle blocks of the large-buffer cache; returns their bytes."},
-    {"cache_info", cache_info, METH_NOARGS, "(idle bytes, idle blocks) of the large-buffer cache."},
+    {"cache_info", cache_info, METH_NOARGS,
+     "(idle bytes, idle blocks, most idle bytes kept) of the large-buffer cache."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

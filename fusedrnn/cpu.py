@@ -69,9 +69,10 @@ def empty_cache() -> int:
 
 
 def cache_info() -> dict:
-    """{'idle_bytes', 'idle_blocks'} of the cpu backend's cache of large buffers (see empty_cache)."""
-    b, n = _C.cache_info() if _C is not None else (0, 0)
-    return {"idle_bytes": int(b), "idle_blocks": int(n)}
+    """{'idle_bytes', 'idle_blocks', 'limit_bytes'} of the cpu backend's cache of large buffers (see empty_cache):
+    what it holds now, and the most idle bytes it keeps."""
+    b, n, lim = _C.cache_info() if _C is not None else (0, 0, 0)
+    return {"idle_bytes": int(b), "idle_blocks": int(n), "limit_bytes": int(lim)}
 
 
 def capability() -> str:

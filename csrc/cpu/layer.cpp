@@ -572,6 +572,8 @@ std::pair<int64_t, int64_t> block_cache_idle() {
   return {static_cast<int64_t>(bytes), static_cast<int64_t>(blocks)};
 }
 
+int64_t block_cache_limit() { return static_cast<int64_t>(cache_limit()); }
+
 void force_capability(int which) {
   TORCH_CHECK(which < 0 || capability_available(static_cast<Capability>(which)),
               "fusedrnn: that kernel build is not compiled in or this CPU cannot run it");

@@ -53,8 +53,9 @@ std::string gemm_library();
 int64_t loop_thread_count();
 
 // The cache of large blocks (block_cache.h): frees its idle blocks and returns their bytes; its idle bytes and
-// blocks.
+// blocks; the most idle bytes it keeps.
 int64_t empty_block_cache();
 std::pair<int64_t, int64_t> block_cache_idle();
+int64_t block_cache_limit();
 
 }  // namespace fusedrnn::cpu
