@@ -128,3 +128,50 @@ def test_debug_mode_on_a_reused_block(cache, monkeypatch):
     assert again[3].data_ptr() == ptr
     for a, b in zip(again, plain):
         assert torch.equal(a, b)
+
+
+_FORK_SCRIPT = """
+import os, signal, sys, time
+import torch
+from fusedrnn import cpu
+sys.path.insert(0, sys.argv[1])
+from test_block_cache import _forward, T, B, H
+_forward()  # one idle block (the results are dropped at once), inherited by the children
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:  # child: one thread (libgomp's pool does not survive fork), a block from the cache, exit
+        torch.set_num_threads(1)
+        r = _forward(seed=2)[3]
+        os._exit(0 if r.numel() == T * B * 5 * H and cpu.cache_info()["idle_blocks"] == 0 else 1)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            sys.exit("the forked child hangs")
+        time.sleep(0.01)
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+        sys.exit(f"the forked child failed: status {status}")
+    _forward(seed=3)  # the parent's cache still works after the fork
+sys.exit(0 if cpu.cache_info()["idle_blocks"] == 1 else "the parent's cache lost its block")
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_fork_leaves_the_cache_usable_in_parent_and_child():
+    """The cache's lock is taken around every fork (pthread_atfork), so a child forked while another thread is
+    inside the cache does not inherit it locked. Here (in a process of its own, so that a hang cannot stall the
+    suite) both sides use the cache after each of three forks: the child takes the block it inherited, the parent
+    goes on (a fork handler that left the lock held would hang either)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, here], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forking process hangs")
+    assert r.returncode == 0, r.stdout + r.stderr

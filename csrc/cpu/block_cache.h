@@ -18,6 +18,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -160,7 +161,13 @@ class BlockCache {
 
  public:
   static BlockCache& instance() {
-    static BlockCache* cache = new BlockCache();  // never destroyed: tensors may give blocks back during exit
+    static BlockCache* cache = [] {
+      auto* c = new BlockCache();  // never destroyed: tensors may give blocks back during exit
+      // fork() while another thread holds the lock would leave the child's copy locked for good (a DataLoader
+      // worker forked mid-call that then runs a layer would hang): the lock is taken around every fork.
+      pthread_atfork([] { instance().m_.lock(); }, [] { instance().m_.unlock(); }, [] { instance().m_.unlock(); });
+      return c;
+    }();
     return *cache;
   }
 };
