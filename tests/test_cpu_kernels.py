@@ -560,14 +560,19 @@ def test_gil_released():
 
 
 def test_tanh_accuracy(capability):
-    """The kernels' float32 tanh (AVX2 / AVX-512: m / (m + 2), m = e^(2|x|) - 1, 1.65 ulp measured on this
-    sweep; the baseline build a Taylor series below 0.5, exp above) within 2 ulp of the float64 tanh over a
-    dense sweep, at the old branch point, and exact on 0, +-inf, NaN, tiny and huge inputs (-0 becomes +0 before
+    """The kernels' float32 tanh (AVX2 / AVX-512: m / (m + 2), m = e^(2|x|) - 1; the baseline build a Taylor
+    series below 0.5, exp above) within 2 ulp of the float64 tanh over a dense sweep (1.75 under AVX-512, whose
+    quotient comes from the reciprocal estimate with one exact-remainder correction: 1.62 measured on
+    benchmarks/gate_micro.py's sweep, 1.96 with the division and a separate correction), at the old branch point, and exact on 0, +-inf, NaN, tiny and huge inputs (-0 becomes +0 before
     tanh: the recurrent term adds +0, as in torch.nn). It runs through the op:
     an RNN (tanh) with I = H = 1, W_ih = 1, W_hh = 0 and no biases computes y = tanh(x) row by row."""
     specials = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, 0.4999999, 0.5, 0.50000006, -0.5, 9.0, 88.0, -88.0,
                              1e10, -1e10, float("inf"), -float("inf"), float("nan")])
-    x = torch.cat([torch.linspace(-12, 12, 240001), torch.logspace(-8, 1.2, 20001), specials]).float()
+    # every float in [0.2030, 0.2038], where the division with a separate correction was at its worst (1.96 ulp
+    # at 0.2034182)
+    lo, hi = (torch.tensor([v], dtype=torch.float32).view(torch.int32).item() for v in (0.2030, 0.2038))
+    near = torch.arange(lo, hi + 1, dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.linspace(-12, 12, 240001), torch.logspace(-8, 1.2, 20001), near, specials]).float()
     ones, zeros = torch.ones(1, 1), torch.zeros(1, 1)
     y, _, _, _ = get_backend("cpu").forward("rnn_tanh", x[:, None], torch.tensor([x.numel()]),
                                             torch.zeros(1, x.numel(), 1), None, [ones, zeros], False, 1, False)
@@ -579,7 +584,8 @@ def test_tanh_accuracy(capability):
     r32 = ref[finite].float().abs()
     ulp = (torch.nextafter(r32, torch.tensor(float("inf"))) - r32).double()
     err = ((y[finite].double() - ref[finite]).abs() / ulp).max().item()
-    assert err <= 2.0, f"tanh: {err:.2f} ulp"
+    bound = 1.75 if capability == "avx512" else 2.0
+    assert err <= bound, f"tanh under {capability}: {err:.2f} ulp"
 
 
 def test_sigmoid_accuracy(capability):

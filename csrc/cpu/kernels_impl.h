@@ -105,9 +105,10 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
 
 // tanh. float (AVX2 / AVX-512): tanh |x| = m / (m + 2) with m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1)
 // (exp_reduce, expm1_reduced: no cancellation near 0, where m is 2|x| to a few ulp), |x| clamped to 10 (beyond,
-// tanh rounds to 1; m stays finite), the sign of x put back. Within 1.96 ulp against double (every float in [0,
-// 0.6], steps of 1e-6 up to 12); NaN stays NaN, -0 stays -0, +-inf gives +-1. One exp-like polynomial and one
-// division: the form before (1 - 2 / (e^(2|x|) + 1), below |x| 0.5 a Taylor polynomial through x^17, blended; 1.6
+// tanh rounds to 1; m stays finite), the sign of x put back. Within 1.62 ulp against double under AVX-512, 1.96
+// under AVX2 (every float in [0, 0.6], steps of 1e-6 up to 12; benchmarks/gate_micro.py); NaN stays NaN, -0 stays
+// -0, +-inf gives +-1. One exp-like polynomial and one division (AVX2) or its reciprocal form (AVX-512): the form
+// before (1 - 2 / (e^(2|x|) + 1), below |x| 0.5 a Taylor polynomial through x^17, blended; 1.6
 // ulp) evaluated both branches. LSTM gate pass, one core, 16 rows x H 256 from L1 (AVX-512, ns per vector of
 // units, best of 20 interleaved runs): 28.4 before, 23.5 with four vectors of units at a time (kGateVecs), 18.0
 // with this tanh as well; with the NaN-passing clamps of exp_fast too 14.3 (16.3-17 with the correction of m + 2).
@@ -130,15 +131,24 @@ inline Vec<T> tanh_(const Vec<T>& x) {
 #endif
     const Vec<T> m = at::vec::fmadd(s, q, s - Vec<T>(1.f));
     // t = m / (m + 2), corrected for the rounding of d = m + 2: e = m + 2 - d exactly (the larger operand first),
-    // which alone was an ulp of t near the top of a binade (2.4 ulp in all without it). The correction t e / d
-    // takes d's reciprocal estimate (12-14 bits are plenty for a term of 2^-24 t).
+    // which alone was an ulp of t near the top of a binade (2.4 ulp in all without it).
     const Vec<T> d = m + Vec<T>(2.f);
     const Vec<T> e = (max_nan_b(m, Vec<T>(2.f)) - d) + min_nan_b(m, Vec<T>(2.f));
-    const Vec<T> t0 = m / d;
 #if defined(CPU_CAPABILITY_AVX512)
-    const Vec<T> t = _mm512_fnmadd_ps(t0 * e, _mm512_rcp14_ps(d), t0);
+    // AVX-512: the quotient from the 14-bit reciprocal estimate y0 of d, q0 = m y0, corrected once by the remainder
+    // of the exact divisor d + e, rem = m - q0 d - q0 e (each step one FMA), t = q0 + rem y0: about 2^-28 relative
+    // before the last rounding, where the division's quotient and a separate correction t e / d rounded twice
+    // (1.96 ulp in all). As fast (gate_micro, ns a vector of units, two runs each, division / this: LSTM 25.9-26.3
+    // / 25.2-27.1, GRU 17.2-17.3 / 16.6-17.5, RNN 6.5 / 6.1-6.3).
+    const __m512 y0 = _mm512_rcp14_ps(d);
+    const __m512 q0 = _mm512_mul_ps(m, y0);
+    const __m512 rem = _mm512_fnmadd_ps(q0, e, _mm512_fnmadd_ps(q0, d, m));
+    const Vec<T> t = _mm512_fmadd_ps(rem, y0, q0);
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
 #else
+    // AVX2: the division, then the correction t e / d with d's reciprocal estimate (12 bits are plenty for a term
+    // of 2^-24 t). (The reciprocal form above would need two corrections from 12 bits.)
+    const Vec<T> t0 = m / d;
     const Vec<T> t = _mm256_fnmadd_ps(t0 * e, _mm256_rcp_ps(d), t0);
     return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(t), sign));
 #endif
