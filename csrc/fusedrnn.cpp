@@ -101,6 +101,20 @@ static PyObject* cache_info(PyObject*, PyObject*) {
                        static_cast<long long>(fusedrnn::cpu::block_cache_limit()));
 }
 
+static PyObject* read_bandwidth(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes <= 0 || bytes > (int64_t(1) << 32)) {
+    PyErr_SetString(PyExc_ValueError, "fusedrnn: read_bandwidth takes 1 to 2**32 bytes a thread");
+    return nullptr;
+  }
+  double gbs = 0.0;
+  Py_BEGIN_ALLOW_THREADS
+  gbs = fusedrnn::cpu::cache_read_bandwidth(bytes) / 1e9;
+  Py_END_ALLOW_THREADS
+  return PyFloat_FromDouble(gbs);
+}
+
 static PyMethodDef kMethods[] = {
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "set_cpu_capability(name): 'auto' (the best this CPU runs, the default), 'default' (baseline build), 'avx2' or "
@@ -117,6 +131,9 @@ static PyMethodDef kMethods[] = {
      "Frees the idle blocks of the large-buffer cache; returns their bytes."},
     {"cache_info", cache_info, METH_NOARGS,
      "(idle bytes, idle blocks, most idle bytes kept) of the large-buffer cache."},
+    {"read_bandwidth", read_bandwidth, METH_O,
+     "read_bandwidth(bytes_per_thread): GB/s the small-batch loops' threads read together, each its own buffer of "
+     "that size, from wherever it stays between passes (the benchmark's probe for the ceiling)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

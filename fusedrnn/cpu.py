@@ -75,6 +75,16 @@ def cache_info() -> dict:
     return {"idle_bytes": int(b), "idle_blocks": int(n), "limit_bytes": int(lim)}
 
 
+def read_bandwidth(bytes_per_thread: int) -> Optional[float]:
+    """GB/s that the small-batch loops' threads (loop_threads()) read together, each from its own buffer of
+    `bytes_per_thread` bytes, from wherever a buffer of that size stays between passes (L1, L2 or beyond): the
+    best of five runs of about 64 MiB of reads a thread, with the kernels' vector build. The benchmark's probe for
+    how fast a step can stream the recurrent weights (its ceiling column); None when the extension is not built."""
+    if _C is None:
+        return None
+    return float(_C.read_bandwidth(int(bytes_per_thread)))
+
+
 def capability() -> str:
     """The kernel build in use: 'DEFAULT', 'AVX2' or 'AVX512'."""
     return _C.cpu_capability()

@@ -447,6 +447,92 @@ def test_gemm_peak_after_the_run_rescales_peak_fractions_and_bounds_ceilings(tin
     assert schema.validate(res) == []
 
 
+def _case(**kw):
+    base = {"cell": "lstm", "T": 100, "B": 1, "I": 256, "H": 256, "layers": 1, "bidirectional": False, "proj": 0,
+            "packed": False, "dtype": "float32", "tokens": 100}
+    return {**base, **kw}
+
+
+def test_floor_seconds_bounds_the_loop_by_streaming_the_recurrent_weights():
+    """The floor: the GEMM flops at the peak, except that each layer's time loop takes at least T steps of its
+    recurrent weights read at the measured bandwidth (two loops for forward+backward); without a bandwidth, or where
+    the batch makes the loop's flops the larger bound, it is the GEMM peak's floor exactly."""
+    peak = 400.0  # GFLOP/s
+    c = _case()
+    w = 4 * 256 * 256 * 4  # LSTM W_hh H256, float32: 1 MiB
+    assert metrics.recurrent_bytes("lstm", 256, 0, "float32") == w
+    assert metrics.recurrent_bytes("lstm", 512, 128, "bfloat16") == (4 * 512 * 128 + 512 * 128) * 2
+    gemm_only = metrics.gemm_flops("lstm", 100, 256, 256, mode="fwd") / (peak * 1e9)
+    assert metrics.floor_seconds(c, "fwd", peak) == pytest.approx(gemm_only)
+    proj_s = 2 * 100 * 256 * 1024 / (peak * 1e9)  # the input projection at the peak
+    assert metrics.floor_seconds(c, "fwd", peak, 100.0) == pytest.approx(proj_s + 100 * w / 100e9)
+    # forward+backward: 3x the forward's flops (6 products the input projection's size here, I = H), of which the
+    # two loops' products (forward, and the backward's by W_hh) wait on the steps: 4 at the peak, 2 loops of reads
+    fb = metrics.floor_seconds(c, "fwdbwd", peak, 100.0)
+    assert fb == pytest.approx(4 * proj_s + 2 * 100 * w / 100e9)
+    # batch 64: the loop's flops (64 rows a step) outweigh the weights' bytes at 100 GB/s: the GEMM floor again
+    c64 = _case(B=64, tokens=6400)
+    assert metrics.floor_seconds(c64, "fwd", peak, 100.0) == pytest.approx(
+        metrics.gemm_flops("lstm", 6400, 256, 256) / (peak * 1e9))
+    # two directions and two layers: each layer's loop streams both directions' weights T times
+    c2 = _case(layers=2, bidirectional=True)
+    flops = metrics.gemm_flops("lstm", 100, 256, 256, layers=2, D=2)
+    loop_flops = 2 * 2 * 2 * 100 * 1024 * 256
+    assert metrics.floor_seconds(c2, "fwd", peak, 50.0) == pytest.approx(
+        (flops - loop_flops) / (peak * 1e9) + 2 * 100 * 2 * w / 50e9)
+    # the size a probe thread reads: every direction's weights shared by the threads, rounded up
+    assert metrics.probe_bytes(c2, 2) == w and metrics.probe_bytes(c, 3) == -(-w // 3)
+
+
+def test_ceiling_with_the_read_bandwidth_is_torch_time_over_the_floor(tiny_results):
+    """With a cache read bandwidth in the results, a target row's ceiling is torch.nn's time over floor_seconds (never
+    above the GEMM peak's ceiling); without one (a GPU, an older file) it is the GEMM peak's; the header says what
+    was measured."""
+    res = copy.deepcopy(tiny_results)
+    row = next(r for r in res["rows"] if r.get("target") is not None)
+    nn = row["impls"]["torch"]
+    gemm_ceiling = report.ceiling(row, res)
+    assert gemm_ceiling == pytest.approx(1 / nn["peak_frac"])
+    size = metrics.probe_bytes(row["case"], 2)
+    for gbs, bound in ((1e-3, True), (1e6, False)):  # a crawl: the weights bound the loop; a flood: the flops do
+        res["cache_bandwidth"] = {"threads": 2, "sizes": {str(size): gbs}}
+        c = report.ceiling(row, res)
+        peak = res["gemm_peak"]["float32"]["gflops"]
+        assert c == pytest.approx(nn["time"]["median"] / metrics.floor_seconds(row["case"], row["mode"], peak, gbs))
+        assert (c < 0.99 * gemm_ceiling) if bound else (c == pytest.approx(gemm_ceiling))
+    text = report.header_md(res)
+    assert "cache read bandwidth" in text and "1000000 GB/s" in text and "2 threads" in text
+    assert "read bandwidth (header)" in report.targets_table(res)
+    assert "read bandwidth" not in report.targets_table(tiny_results)
+    assert "| **cache read bandwidth** | - |" in report.header_md(tiny_results)
+
+
+def test_read_bandwidth_probe_and_the_better_of_two_runs():
+    """fusedrnn.cpu.read_bandwidth: a buffer that stays in L1 reads faster than one of 64 MiB a thread (past any
+    L2); machine.read_bandwidth measures each case's size a thread once; best_bandwidth keeps the faster of two
+    runs size by size."""
+    from fusedrnn import cpu as fcpu
+    from fusedrnn.bench import machine
+
+    if fcpu._C is None:
+        pytest.skip("extension not built")
+    small, big = fcpu.read_bandwidth(16 << 10), fcpu.read_bandwidth(64 << 20)
+    assert 0 < big and small > 1.2 * big, (small, big)
+    with pytest.raises(ValueError):
+        fcpu.read_bandwidth(0)
+    cases = [_case(H=64), _case(H=64, B=8), _case(cell="gru", H=32)]
+    bw = machine.read_bandwidth(torch.device("cpu"), cases)
+    threads = fcpu.loop_threads()
+    assert bw["threads"] == threads
+    assert set(bw["sizes"]) == {str(metrics.probe_bytes(c, threads)) for c in cases} and len(bw["sizes"]) == 2
+    assert all(v > 0 for v in bw["sizes"].values())
+    a = {"threads": 2, "sizes": {"1024": 10.0, "2048": 30.0}}
+    b = {"threads": 2, "sizes": {"1024": 20.0, "2048": 5.0}}
+    best = machine.best_bandwidth(a, b)
+    assert best["sizes"] == {"1024": 20.0, "2048": 30.0} and best["sizes_start"] == a["sizes"]
+    assert machine.best_bandwidth(None, b) is b and machine.read_bandwidth(torch.device("meta"), cases) is None
+
+
 def test_gemm_peak_takes_the_faster_library_and_the_header_names_it(tiny_results, monkeypatch):
     """The CPU's GEMM peak is the faster of ATen's matmul (BLAS) and oneDNN's where torch has oneDNN (on AMD CPUs
     MKL's AVX2 path would understate it); the result says which, float64 (which oneDNN's matmul does not take)

@@ -101,6 +101,9 @@ struct KernelTable {
   // for c < n, 0 for n <= c < width = panel_width(n, vec), k < K. A transpose: vector blocks where the build has
   // them.
   void (*pack_panel)(const T* W, int64_t ldw, int64_t n, int64_t K, T* dst);
+  // The sum of p[0, n), read reps times over (the cache read-bandwidth probe, cache_read_bandwidth in layer.cpp):
+  // eight vector accumulators, so the loads, not the adds, set the pace.
+  T (*read_sum)(const T* p, int64_t n, int64_t reps);
   // Cuts n columns into panels of at most vecs (<= panel_vecs) vectors by even_parts (16 vectors by 3:
   // 3 3 3 3 2 2, not 3 3 3 3 3 1, whose last panel would keep too few accumulators busy), and calls f(c, w) for
   // each: columns [c, c + w). c is a multiple of vec, so panels packed one after another for K rows start at c * K.

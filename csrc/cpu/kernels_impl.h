@@ -438,6 +438,31 @@ void rnn_bwd(const BwdArgs<T>& a, int64_t j0, int64_t j1, int64_t k0, int64_t k1
   }
 }
 
+// KernelTable::read_sum: whole blocks of U vectors a step into U accumulators, the tail one element at a time.
+template <typename T>
+T read_sum(const T* p, int64_t n, int64_t reps) {
+  constexpr int64_t V = Vec<T>::size(), U = 8;
+  const int64_t nb = n / (U * V) * (U * V);
+  Vec<T> acc[U];
+  UNROLL
+  for (int64_t u = 0; u < U; ++u) acc[u] = Vec<T>(T(0));
+  T tail = T(0);
+  for (int64_t r = 0; r < reps; ++r) {
+    for (int64_t i = 0; i < nb; i += U * V) {
+      UNROLL
+      for (int64_t u = 0; u < U; ++u) acc[u] = acc[u] + Vec<T>::loadu(p + i + u * V);
+    }
+    for (int64_t i = nb; i < n; ++i) tail += p[i];
+  }
+  Vec<T> s = acc[0];
+  UNROLL
+  for (int64_t u = 1; u < U; ++u) s = s + acc[u];
+  alignas(64) T lanes[V];
+  s.store(lanes);
+  for (int64_t v = 0; v < V; ++v) tail += lanes[v];
+  return tail;
+}
+
 }  // namespace
 }  // namespace fusedrnn::cpu::CPU_CAPABILITY
 
@@ -464,6 +489,7 @@ KernelTable<T> make_table() {
   t.panel_vecs = kPanelVecs;
   t.panel_gemm = panel_gemm<T>;
   t.pack_panel = pack_panel<T>;
+  t.read_sum = read_sum<T>;
   return t;
 }
 

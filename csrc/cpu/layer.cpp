@@ -4,6 +4,10 @@
 #include "block_cache.h"
 #include "layer_loops.h"
 
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <memory>
 #include <mutex>
 
 namespace fusedrnn::cpu {
@@ -573,6 +577,39 @@ std::pair<int64_t, int64_t> block_cache_idle() {
 }
 
 int64_t block_cache_limit() { return static_cast<int64_t>(cache_limit()); }
+
+double cache_read_bandwidth(int64_t bytes_per_thread) {
+  const int64_t threads = loops::loop_threads();
+  // whole cache lines (aligned_alloc takes a multiple of the alignment)
+  const int64_t n = std::max<int64_t>(16, bytes_per_thread / 64 * 16);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(float));
+  const int64_t reps = std::max<int64_t>(1, (int64_t(64) << 20) / bytes);
+  const KernelTable<float>& K = loops::table<float>();
+  std::vector<double> rate(threads, 0.0);
+  std::atomic<float> sink{0.f};
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      // Cache-line aligned (as the packed weights are: a vector load that straddles two lines halved the rate),
+      // first touched here, by the thread that reads it.
+      std::unique_ptr<float, decltype(&std::free)> buf(
+          static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(bytes))), &std::free);
+      TORCH_CHECK(buf, "fusedrnn: read_bandwidth could not allocate ", bytes, " bytes");
+      float* p = buf.get();
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(i % 7);
+      float s = K.read_sum(p, n, 1);  // warm: the buffer where it will stay
+      for (int trial = 0; trial < 5; ++trial) {
+        const auto start = std::chrono::steady_clock::now();
+        s += K.read_sum(p, n, reps);
+        const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (sec > 0) rate[t] = std::max(rate[t], static_cast<double>(bytes) * reps / sec);
+      }
+      sink.store(s, std::memory_order_relaxed);  // (the sums are kept, so the reads are)
+    }
+  });
+  double total = 0.0;
+  for (double r : rate) total += r;
+  return total;
+}
 
 void force_capability(int which) {
   TORCH_CHECK(which < 0 || capability_available(static_cast<Capability>(which)),

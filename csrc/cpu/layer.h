@@ -58,4 +58,10 @@ int64_t empty_block_cache();
 std::pair<int64_t, int64_t> block_cache_idle();
 int64_t block_cache_limit();
 
+// Bytes a second that the persistent loops' threads (loop_threads(), each its own buffer of bytes_per_thread,
+// first touched by it) read together from wherever a buffer of that size stays between passes (L1, L2 or beyond):
+// the best of 5 timed runs of about 64 MiB of reads a thread, summed over the threads. The benchmark's ceiling
+// takes it as the speed at which a step can stream the recurrent weights (fusedrnn/bench/metrics.py).
+double cache_read_bandwidth(int64_t bytes_per_thread);
+
 }  // namespace fusedrnn::cpu

@@ -118,6 +118,12 @@ def main(argv=None) -> int:
     for dt in dtypes_used:
         peaks[dt] = machine.gemm_peak(device, getattr(torch, dt))
         print(f"GEMM peak {dt}: {peaks[dt]['gflops']:.0f} GFLOP/s ({peaks[dt]['library']})", file=sys.stderr)
+    case_dicts = [c.as_dict() for c in cases]
+    bw = machine.read_bandwidth(device, case_dicts)
+    if bw:
+        vals = list(bw["sizes"].values())
+        print(f"cache read bandwidth: {min(vals):.0f}-{max(vals):.0f} GB/s ({len(vals)} sizes, {bw['threads']} "
+              f"threads)", file=sys.stderr)
     config = {"preset": preset, "device": str(device), "backends": backends, "cells": cells,
               "dtypes": dtypes_used, "argv": sys.argv[1:] if argv is None else list(argv), "filter": args.filter}
     prog = Progress(len(cases), enabled=None if not args.no_progress else False)
@@ -142,6 +148,10 @@ def main(argv=None) -> int:
         print(f"GEMM peak {dt} after the run: {end['gflops']:.0f} GFLOP/s; using {best['gflops']:.0f}",
               file=sys.stderr)
     harness.apply_gemm_peak(res, peaks)
+    # The read bandwidth again too, the better kept size by size (the ceilings' other bound, floor_seconds).
+    if bw:
+        bw = machine.best_bandwidth(bw, machine.read_bandwidth(device, case_dicts))
+        res["cache_bandwidth"] = bw
     _dump(res, json_path)
     made, note = ([], "plots skipped (--no-plots)") if args.no_plots else plots.make_plots(res, args.out)
     if note and not args.no_plots:

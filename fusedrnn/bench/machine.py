@@ -123,3 +123,37 @@ def gemm_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, re
     flops = 2.0 * n ** 3
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "gflops": flops / min(times) / 1e9,
             "gflops_median": flops / sorted(times)[len(times) // 2] / 1e9, "library": library}
+
+
+def read_bandwidth(device: torch.device, cases: list[dict]) -> dict | None:
+    """The cache read bandwidth of the CPU's small-batch loop threads at each case's size of recurrent weights a
+    thread (metrics.probe_bytes): {"threads", "sizes": {str(bytes a thread): GB/s}}, from
+    fusedrnn.cpu.read_bandwidth (each thread reads its own buffer of that size, from wherever it stays: a step
+    streams W_hh from there). None on a GPU or where the extension is not built: the ceilings are then the GEMM
+    peak's alone."""
+    if device.type != "cpu":
+        return None
+    try:
+        from fusedrnn import cpu as fcpu
+
+        if fcpu._C is None:
+            return None
+        threads = fcpu.loop_threads()
+    except Exception:  # noqa: BLE001 - fusedrnn not importable or not built: no probe
+        return None
+    from .metrics import probe_bytes
+
+    sizes = sorted({probe_bytes(c, threads) for c in cases})
+    return {"threads": threads, "sizes": {str(n): fcpu.read_bandwidth(n) for n in sizes}}
+
+
+def best_bandwidth(start: dict | None, end: dict | None) -> dict | None:
+    """The faster of two read_bandwidth() results size by size (a shared machine's speed drifts; a bandwidth
+    measured while it was slow would set every floor too high), with both measurements kept."""
+    if not start or not end:
+        return start or end
+    sizes = {}
+    for k, a in start["sizes"].items():
+        b = end["sizes"].get(k, a)
+        sizes[k] = max(a, b)
+    return {"threads": start["threads"], "sizes": sizes, "sizes_start": start["sizes"], "sizes_end": end["sizes"]}

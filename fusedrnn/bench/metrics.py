@@ -34,6 +34,49 @@ def gemm_flops(cell: str, tokens: int, I: int, H: int, layers: int = 1, D: int =
     return total
 
 
+ELEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def recurrent_bytes(cell: str, H: int, proj: int, dtype: str) -> int:
+    """Bytes of one direction's recurrent weights, which every step of a layer's loop has to read: W_hh [G*H, P]
+    and, with a projection, W_hr [P, H], in the layer's dtype (the least any implementation could stream)."""
+    P = proj if proj else H
+    return (GATES[cell] * H * P + (H * P if proj else 0)) * ELEM_BYTES[dtype]
+
+
+def probe_bytes(case: dict, threads: int) -> int:
+    """Bytes a thread streams a step when the threads share a layer's recurrent weights (every direction's) evenly:
+    the buffer size a thread of the cache read-bandwidth probe (fusedrnn.cpu.read_bandwidth) reads."""
+    D = 2 if case["bidirectional"] else 1
+    total = D * recurrent_bytes(case["cell"], case["H"], case["proj"], case["dtype"])
+    return -(-total // max(1, threads))
+
+
+def floor_seconds(case: dict, mode: str, peak_gflops: float, read_gbs: float | None = None) -> float:
+    """The least time a call can take on this machine: every GEMM flop at the GEMM peak and, where read_gbs (the
+    threads' measured read bandwidth for the recurrent weights' size) is given, each layer's time loop no faster
+    than streaming its recurrent weights once a step (twice for forward+backward: the backward's loop multiplies
+    by them again). Everything else (gates, synchronisation) counts as free, so the time is a floor and
+    torch.nn's time over it bounds any implementation's speed-up.
+
+    Per layer the loop's products (2 * tokens * (G*H*P + H*P with a projection) per direction and loop) are the
+    flops that wait on the previous step; its floor is the larger of those flops at the peak and T steps (the
+    longest sequence) of D directions' weight bytes at read_gbs. (Max of the sums, not the sum of per-step maxima:
+    a lower floor, so still a bound, where packed steps have fewer rows.) The remaining flops (input projections,
+    the backward's weight and input gradients) run at the peak."""
+    cell, H, proj, dtype = case["cell"], case["H"], case["proj"], case["dtype"]
+    D = 2 if case["bidirectional"] else 1
+    P = proj if proj else H
+    loops = 1 if mode == "fwd" else 2
+    peak = peak_gflops * 1e9
+    total = gemm_flops(cell, case["tokens"], case["I"], H, case["layers"], D, proj, mode)
+    loop_flops = loops * D * 2 * case["tokens"] * (GATES[cell] * H * P + (H * P if proj else 0))
+    loop_s = loop_flops / peak
+    if read_gbs:
+        loop_s = max(loop_s, loops * case["T"] * D * recurrent_bytes(cell, H, proj, dtype) / (read_gbs * 1e9))
+    return (total - case["layers"] * loop_flops) / peak + case["layers"] * loop_s
+
+
 def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max|a - ref| / max|ref| (computed in float64); 0 for two empty tensors, inf on shape mismatch or NaN."""
     if a.shape != ref.shape:

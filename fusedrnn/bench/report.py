@@ -1,7 +1,7 @@
 """report.md and the --compare text, both built from a results dict (schema.py)."""
 from __future__ import annotations
 
-from . import fmt
+from . import fmt, metrics
 from .fmt import md_table
 
 
@@ -19,6 +19,7 @@ def header_md(res: dict) -> str:
         ["fusedrnn", f"{m.get('fusedrnn')} (git {m.get('git_commit')})"],
         ["fusedrnn cpu backend", _cpu_backend(m.get("fusedrnn_cpu"))],
         ["GEMM peak", peaks or "-"],
+        ["cache read bandwidth", _bandwidth(res.get("cache_bandwidth"))],
         ["preset", f"{cfg.get('preset')}; rounds {cfg.get('min_rounds')}..{cfg.get('rounds')} interleaved, "
                    f"warm-up {cfg.get('warmup')}, budget {cfg.get('budget_s')} s per case and mode"],
         ["backends", ", ".join(cfg.get("backends") or []) or "none (fusedrnn modules not importable)"],
@@ -115,7 +116,7 @@ def targets_table(res: dict) -> str | None:
             s = imp.get("speedup") if imp else None
             meas = (f"{s['median']:.2f}x ({s['q1']:.2f}–{s['q3']:.2f})" if s else
                     (f"*{imp['status']}*" if imp else "not run"))
-            c = ceiling(r)
+            c = ceiling(r, res)
             cells += [f"{r['target']:.1f}x", meas, f"{c:.2f}x" if c else "-", mark(r.get("met"))]
         out.append(cells)
     judged = [d[m].get("met") for d in by_case.values() for m in ("fwd", "fwdbwd") if d.get(m)]
@@ -127,7 +128,7 @@ def targets_table(res: dict) -> str | None:
     return (f"Speed-up of `{primary}` over torch.nn (median of per-round ratios, IQR in brackets): "
             f"**{met} of {measured} measured targets met**"
             + (f" ({unmeasured} of {len(judged)} not measured)" if unmeasured else "") + ". "
-            + CEILING_NOTE + "\n\n"
+            + (CEILING_NOTE_BW if res.get("cache_bandwidth") else CEILING_NOTE) + "\n\n"
             + md_table(head, out, ["l"] + ["r", "r", "r", "l"] * 2))
 
 
@@ -135,15 +136,47 @@ CEILING_NOTE = ("Ceiling: the speed-up a backend would reach if its GEMMs ran at
                 "everything else (gates, synchronisation, memory traffic) were free, i.e. 1 / torch.nn's fraction "
                 "of the peak; a target above it cannot be met on this machine (\"-\": torch.nn ran above the peak "
                 "measured before and after the run, so the peak bounds nothing there).")
+CEILING_NOTE_BW = ("Ceiling: the speed-up a backend would reach if its GEMMs ran at this machine's GEMM peak, each "
+                   "step of a time loop read the layer's recurrent weights no slower than the measured cache read "
+                   "bandwidth (header), and everything else (gates, synchronisation) were free: torch.nn's time over "
+                   "that floor (fusedrnn/bench/metrics.py, floor_seconds); a target above it cannot be met on this "
+                   "machine (\"-\": torch.nn ran above the peak measured before and after the run, so the peak "
+                   "bounds nothing there).")
 
 
-def ceiling(row: dict) -> float | None:
-    """1 / (torch.nn's fraction of the GEMM peak) for a (case, mode) row: the best speed-up over torch.nn that any
-    implementation doing the same GEMM flops can reach on this machine. None where torch.nn ran above the measured
-    peak (the machine was faster during the case than while the peak was measured: the peak bounds nothing)."""
+def ceiling(row: dict, res: dict | None = None) -> float | None:
+    """torch.nn's time over the least time any implementation doing the same GEMM flops could take on this machine
+    (metrics.floor_seconds) for a (case, mode) row: with res's cache read bandwidth for the case's recurrent
+    weights, the time loops are also bound by streaming them once a step; without it (a GPU, no extension, an
+    older results file) the floor is the GEMM peak's alone and the ceiling 1 / (torch.nn's fraction of the peak).
+    None where torch.nn ran above the measured peak (the machine was faster during the case than while the peak
+    was measured: the peak bounds nothing)."""
     nn = row["impls"].get("torch")
     f = nn.get("peak_frac") if nn and nn.get("status") == "ok" else None
-    return 1.0 / f if f and f <= 1.0 else None
+    if not f or f > 1.0:
+        return None
+    bw = (res or {}).get("cache_bandwidth")
+    peak = ((res or {}).get("gemm_peak", {}).get(row["case"]["dtype"]) or {}).get("gflops")
+    if not bw or not peak:
+        return 1.0 / f
+    gbs = bw["sizes"].get(str(metrics.probe_bytes(row["case"], bw["threads"])))
+    floor = metrics.floor_seconds(row["case"], row["mode"], peak, gbs)
+    return nn["time"]["median"] / floor
+
+
+def _bandwidth(bw: dict | None) -> str:
+    if not bw or not bw.get("sizes"):
+        return "-"
+    items = sorted((int(k), v) for k, v in bw["sizes"].items())
+    lo, hi = min(v for _, v in items), max(v for _, v in items)
+    sizes = f"{fmt_bytes(items[0][0])}" + (f"-{fmt_bytes(items[-1][0])}" if len(items) > 1 else "")
+    rate = f"{lo:.0f} GB/s" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f} GB/s"
+    return (f"{rate}, {bw['threads']} threads reading {sizes} each (the cases' recurrent weights "
+            f"a thread; fusedrnn.cpu.read_bandwidth)")
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"
 
 
 def summary_table(res: dict) -> str | None:

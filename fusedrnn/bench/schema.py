@@ -9,6 +9,10 @@ Top level (a dict):
     gemm_peak         {dtype name: {n, dtype, gflops, gflops_median, library[, gflops_start, gflops_end]}}  best
                       n^3 matmul, the better of the measurements before and after the run; library: what ran
                       it, the faster of "blas" and "onednn" on the CPU ("cublas" on a GPU; absent in older files)
+    cache_bandwidth   (CPU runs with the extension built; absent elsewhere and in older files) {threads, sizes:
+                      {str(bytes a thread): GB/s}, sizes_start, sizes_end}: fusedrnn.cpu.read_bandwidth at each
+                      case's recurrent weights a thread (metrics.probe_bytes), the better of the measurements before
+                      and after the run; the ceilings' bound on the time loops (metrics.floor_seconds)
     config            dict: preset, device, backends (timed), cells, dtypes, rounds, min_rounds, warmup,
                       budget_s, argv
     fused_api         bool: fusedrnn.LSTM/GRU/RNN were importable (else only torch.nn was measured)
