@@ -474,7 +474,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
   };
   Tensor hy = copy_of(hx);
   Tensor cy = L.mode == kLSTM ? copy_of(cx) : at::empty({0}, opts);
-  const bool small = small_batch(L, true);
+  const bool small = small_batch(L, true) && !forward_steps_on_gemm(L, half);
   const bool parallel_dirs = directions_in_parallel(L, small, sizeof(T));
   const std::vector<int64_t> blocks =
       parallel_dirs ? std::vector<int64_t>{0, L.B} : batch_blocks(L, small, sizeof(T));

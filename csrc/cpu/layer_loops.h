@@ -608,6 +608,26 @@ inline bool pack_weights(const Layout& L, bool forward) {
   return L.B > 2 && (L.mode == kLSTM ? 4 * L.P <= L.N : 8 * L.P <= L.N);
 }
 
+// The forward at batch kSmallBatch (8) to kPersistentMaxBatch takes one GEMM call a step instead of the persistent
+// loop for a single step (a cell's, in a decoder loop) and wherever W_hh would stay as it is (pack_weights: a short
+// sequence, 2N < P). There the loop multiplies through the matrix-vector kernel, whose blocks of 8 batch rows x 2
+// weight rows sum 16 accumulators across their lanes every block; and a single step that packs W_hh pays the
+// transpose for one product, besides the loop's parallel region. Measured (benchmarks/cell_steps.py, 2-core Xeon,
+// forward, torch.nn time / ours, persistent -> GEMM): W_hh unpacked: LSTMCell B8 H256 1.11 -> 1.28, B16 H256
+// 0.99 -> 1.20, B32 H128 1.05 -> 1.16, B64 H256 0.94 -> 1.29, B8 H64 1.13-1.15 -> 1.27-1.28; GRUCell B32 H128 0.90
+// -> 1.03; RNNCell B16 H64 0.69-0.70 -> 0.94-0.99, B16 H128 0.81 -> 1.01, B32 0.87 -> 0.97; packed: LSTMCell B32
+// H64 0.89-0.91 -> 1.21-1.22, B64 H128 1.21-1.24 -> 1.51, B16 H32 0.85-0.90 -> 1.22-1.24; GRUCell B64 H128 1.00 ->
+// 1.14-1.23; RNNCell B64 H64 0.68-0.71 -> 0.86-0.88. Equal at LSTMCell B4 H256 (1.32 / 1.29; hence from 8 rows),
+// RNNCell B8 H128, GRUCell B12 H256. Sequences whose W_hh is packed keep the loop from 2 steps: modules, knob_ab,
+// time GEMM / persistent: LSTM T2 B32 H64 0.96, T8 1.13, T32 1.27; T8 B16 H256 1.19, T16 1.28; GRU T16 B16 H256
+// 1.24. The backward keeps its rule (small_batch): the same cells' forward+backward moved by no more than the
+// spread either way. Half precision keeps the persistent loop (its recurrent product may be AMX's; not measured).
+// FUSEDRNN_CPU_LOOP, when set, decides instead (small_batch).
+inline bool forward_steps_on_gemm(const Layout& L, bool half) {
+  if (half || std::getenv("FUSEDRNN_CPU_LOOP")) return false;
+  return L.B >= kSmallBatch && L.B <= kPersistentMaxBatch && (L.T == 1 || !pack_weights(L, true));
+}
+
 // ---- bfloat16 and float16 --------------------------------------------------------------------------------------
 
 // Half-precision layers run the float32 kernels: every product, gate and carried state in float32, the results
