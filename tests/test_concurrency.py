@@ -13,6 +13,28 @@ import fusedrnn
 from conftest import conformance_backends
 from helpers import make_pair
 
+
+@pytest.fixture
+def two_threads():
+    """torch on 2 threads for the test (the small-batch loops' usual split), restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_sequence_matches(ref, ours, x):
+    """torch.nn's module and ours on the same float64 sequence x (a weighted sum of y as the loss): y, x's gradient
+    and every parameter's gradient agree to float64 rounding."""
+    outs = []
+    for m in (ref, ours):
+        xx = x.clone().requires_grad_()
+        y, _ = m(xx)
+        (y * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).sum().backward()
+        outs.append([y, xx.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
 N_THREADS = 4
 
 
@@ -159,14 +181,7 @@ def test_oversubscribed_threads_give_the_same_results(kind, batch, cpus, monkeyp
     try:
         ref, ours = make_pair(kind, 7, 256, bidirectional=True, backend="cpu")
         x = torch.randn(9, batch, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        outs = []
-        for m in (ref, ours):
-            xx = x.clone().requires_grad_()
-            y, _ = m(xx)
-            (y * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).sum().backward()
-            outs.append([y, xx.grad] + [p.grad for p in m.parameters()])
-        for a, b in zip(*outs):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        assert_sequence_matches(ref, ours, x)
     finally:
         torch.set_num_threads(before)
 
@@ -208,7 +223,7 @@ def test_small_steps_on_one_thread_or_in_slices(kind, H, batch, split, monkeypat
 @pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
 @pytest.mark.parametrize("loop", ["-", "persistent"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_single_steps_and_unpacked_batches_on_gemm(kind, loop, monkeypatch):
+def test_single_steps_and_unpacked_batches_on_gemm(kind, loop, monkeypatch, two_threads):
     """From batch 8, a single step (a cell's) and a short sequence whose W_hh stays unpacked (2N < P) run the
     forward as one GEMM call a step (layer_loops.h forward_steps_on_gemm); FUSEDRNN_CPU_LOOP=persistent keeps the
     persistent loop. Either way cells of 8 rows (W_hh unpacked) and 40 rows (packed, but one step), a bidirectional
@@ -216,33 +231,20 @@ def test_single_steps_and_unpacked_batches_on_gemm(kind, loop, monkeypatch):
     in float64, forward and every gradient."""
     if loop != "-":
         monkeypatch.setenv("FUSEDRNN_CPU_LOOP", loop)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        g = torch.Generator().manual_seed(3)
-        for batch, H in ((8, 64), (40, 64)):
-            ref, ours = make_pair(kind + "Cell", H, H, backend="cpu")
-            x = torch.randn(batch, H, dtype=torch.float64, generator=g)
-            hx = torch.randn(batch, H, dtype=torch.float64, generator=g)
-            outs = []
-            for m in (ref, ours):
-                xx, hh = x.clone().requires_grad_(), hx.clone().requires_grad_()
-                h = m(xx, (hh, hh * 0.5) if kind == "LSTM" else hh)
-                h = h[0] if isinstance(h, tuple) else h
-                (h * torch.linspace(-1, 1, H, dtype=torch.float64)).sum().backward()
-                outs.append([h, xx.grad, hh.grad] + [p.grad for p in m.parameters()])
-            for a, b in zip(*outs):
-                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
-        for T, batch, H in ((2, 12, 128), (3, 16, 16)):
-            ref, ours = make_pair(kind, H, H, bidirectional=True, backend="cpu")
-            x = torch.randn(T, batch, H, dtype=torch.float64, generator=g)
-            outs = []
-            for m in (ref, ours):
-                xx = x.clone().requires_grad_()
-                y, _ = m(xx)
-                (y * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).sum().backward()
-                outs.append([y, xx.grad] + [p.grad for p in m.parameters()])
-            for a, b in zip(*outs):
-                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
-    finally:
-        torch.set_num_threads(before)
+    g = torch.Generator().manual_seed(3)
+    for batch, H in ((8, 64), (40, 64)):
+        ref, ours = make_pair(kind + "Cell", H, H, backend="cpu")
+        x = torch.randn(batch, H, dtype=torch.float64, generator=g)
+        hx = torch.randn(batch, H, dtype=torch.float64, generator=g)
+        outs = []
+        for m in (ref, ours):
+            xx, hh = x.clone().requires_grad_(), hx.clone().requires_grad_()
+            h = m(xx, (hh, hh * 0.5) if kind == "LSTM" else hh)
+            h = h[0] if isinstance(h, tuple) else h
+            (h * torch.linspace(-1, 1, H, dtype=torch.float64)).sum().backward()
+            outs.append([h, xx.grad, hh.grad] + [p.grad for p in m.parameters()])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    for T, batch, H in ((2, 12, 128), (3, 16, 16)):
+        ref, ours = make_pair(kind, H, H, bidirectional=True, backend="cpu")
+        assert_sequence_matches(ref, ours, torch.randn(T, batch, H, dtype=torch.float64, generator=g))
