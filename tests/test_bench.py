@@ -507,6 +507,7 @@ def test_ceiling_with_the_read_bandwidth_is_torch_time_over_the_floor(tiny_resul
     assert "| **cache read bandwidth** | - |" in report.header_md(tiny_results)
 
 
+@pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
 def test_read_bandwidth_probe_and_the_better_of_two_runs():
     """fusedrnn.cpu.read_bandwidth: a buffer that stays in L1 reads faster than one of 64 MiB a thread (past any
     L2); machine.read_bandwidth measures each case's size a thread once; best_bandwidth keeps the faster of two
@@ -514,8 +515,6 @@ def test_read_bandwidth_probe_and_the_better_of_two_runs():
     from fusedrnn import cpu as fcpu
     from fusedrnn.bench import machine
 
-    if fcpu._C is None:
-        pytest.skip("extension not built")
     small, big = fcpu.read_bandwidth(16 << 10), fcpu.read_bandwidth(64 << 20)
     assert 0 < big and small > 1.2 * big, (small, big)
     with pytest.raises(ValueError):
