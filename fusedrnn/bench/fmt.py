@@ -50,6 +50,11 @@ def mib(b) -> str:
     return f"{b / 2 ** 20:.3g}"
 
 
+def kib_mib(b: int) -> str:
+    """A size with its unit: 96 KiB, 2.0 MiB."""
+    return f"{b / 2 ** 20:.1f} MiB" if b >= 2 ** 20 else f"{b / 2 ** 10:.0f} KiB"
+
+
 def err(v) -> str:
     if v is None:
         return "-"

@@ -169,14 +169,10 @@ def _bandwidth(bw: dict | None) -> str:
         return "-"
     items = sorted((int(k), v) for k, v in bw["sizes"].items())
     lo, hi = min(v for _, v in items), max(v for _, v in items)
-    sizes = f"{fmt_bytes(items[0][0])}" + (f"-{fmt_bytes(items[-1][0])}" if len(items) > 1 else "")
+    sizes = fmt.kib_mib(items[0][0]) + (f"-{fmt.kib_mib(items[-1][0])}" if len(items) > 1 else "")
     rate = f"{lo:.0f} GB/s" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f} GB/s"
     return (f"{rate}, {bw['threads']} threads reading {sizes} each (the cases' recurrent weights "
             f"a thread; fusedrnn.cpu.read_bandwidth)")
-
-
-def fmt_bytes(n: int) -> str:
-    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"
 
 
 def summary_table(res: dict) -> str | None:
