@@ -178,17 +178,22 @@ class _FusedRNNBase(nn.RNNBase):
             _check_same_dtype(cx, flat[1])
         backend = resolve(self.backend, x.device, x.dtype, mode, self.proj_size > 0)
         train = _needs_grad([x, hx, cx, *flat])
-        hys, cys = [], []
-        for layer in range(self.num_layers):
-            sl = slice(layer * D, (layer + 1) * D)
-            x, hy, cy, _ = run_layer(
-                mode, x, batch_sizes, hx[sl], cx[sl] if cx is not None else None, weights[layer], self.bias, D,
-                train, backend)
-            hys.append(hy)
-            cys.append(cy)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, True)
-        y, hy, cy = x, torch.cat(hys), (torch.cat(cys) if cx is not None else None)
+        if self.num_layers == 1:  # (the states whole: no slices, no cat)
+            y, hy, cy, _ = run_layer(mode, x, batch_sizes, hx, cx, weights[0], self.bias, D, train, backend)
+            if cx is None:
+                cy = None
+        else:
+            hys, cys = [], []
+            for layer in range(self.num_layers):
+                sl = slice(layer * D, (layer + 1) * D)
+                x, hy, cy, _ = run_layer(
+                    mode, x, batch_sizes, hx[sl], cx[sl] if cx is not None else None, weights[layer], self.bias, D,
+                    train, backend)
+                hys.append(hy)
+                cys.append(cy)
+                if self.dropout and self.training and layer < self.num_layers - 1:
+                    x = F.dropout(x, self.dropout, True)
+            y, hy, cy = x, torch.cat(hys), (torch.cat(cys) if cx is not None else None)
         if amp is not None:
             y, hy, cy = y.to(out_dt[0]), hy.to(out_dt[0]), (cy.to(out_dt[1]) if cy is not None else None)
         return y, hy, cy
@@ -270,7 +275,7 @@ class _FusedRNNBase(nn.RNNBase):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             x = input.transpose(0, 1) if self.batch_first else input
             T, B = x.shape[0], x.shape[1]
-            steps = torch.full((T,), B, dtype=torch.int64)
+            steps = _steps(B, T)
             y, hy, cy = self._run(x.reshape(T * B, x.shape[2]), steps, h0, c0)
             y = y.view(T, B, y.shape[-1])
             if self.batch_first:
@@ -493,18 +498,22 @@ def _cpu_cell():
 
 
 _CELL_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-# batch_sizes [B] of a cell's one step, per B (eager only): torch.full was about 1 us of each step's fixed cost.
-_STEPS: dict[int, Tensor] = {}
+# batch_sizes [T] of T steps of B rows (a cell's one step: T = 1), per (B, T) (eager only; up to _STEPS_MAX_T steps,
+# so the cache holds at most 2 MiB): torch.full was about 1 us of a cell step's fixed cost, and several in a cold
+# cache. The tensors never leave the modules (the ops only read them). Under torch.jit.trace sizes are tensors, so a
+# trace records torch.full, not a constant.
+_STEPS: dict[tuple[int, int], Tensor] = {}
+_STEPS_MAX_T = 1024
 
 
-def _steps(B) -> Tensor:
-    if torch.compiler.is_compiling() or not isinstance(B, int):
-        return torch.full((1,), B, dtype=torch.int64)
-    t = _STEPS.get(B)
+def _steps(B, T=1) -> Tensor:
+    if torch.compiler.is_compiling() or not isinstance(B, int) or not isinstance(T, int) or T > _STEPS_MAX_T:
+        return torch.full((T,), B, dtype=torch.int64)
+    t = _STEPS.get((B, T))
     if t is None:
         if len(_STEPS) >= 256:
             _STEPS.clear()
-        t = _STEPS[B] = torch.full((1,), B, dtype=torch.int64)
+        t = _STEPS[(B, T)] = torch.full((T,), B, dtype=torch.int64)
     return t
 
 
