@@ -1,0 +1,251 @@
+"""The sequence modules' fast path (fusedrnn.modules._cpu_sequence): when a forward calls the cpu layer op straight
+away, and that what it returns is what the general path and torch.nn return."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusedrnn
+import fusedrnn.modules as fm
+from helpers import make_pair
+
+cpu = pytest.importorskip("fusedrnn.cpu")
+pytestmark = pytest.mark.skipif(cpu._C is None, reason="fusedrnn._C is not built")
+
+I, H = 5, 6
+
+
+@pytest.fixture
+def general_calls(monkeypatch):
+    """Counts the general path's layer calls (ops.layer through modules.run_layer)."""
+    calls = []
+    real = fm.run_layer
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "run_layer", counted)
+    return calls
+
+
+def _state(kind, LD, B, P, batched, g):
+    shape = (LD, B) if batched else (LD,)
+    h = torch.randn(*shape, P, generator=g, dtype=torch.float64)
+    if kind == "LSTM":
+        return h, torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    return h
+
+
+def _config_ids(c):
+    return "-".join(f"{k}{v}" for k, v in c.items()) or "plain"
+
+
+CONFIGS = [{}, {"num_layers": 2}, {"bidirectional": True}, {"num_layers": 2, "bidirectional": True},
+           {"batch_first": True}, {"bias": False}, {"unbatched": True}, {"unbatched": True, "batch_first": True},
+           {"no_hx": True}, {"proj_size": 4, "num_layers": 2, "bidirectional": True}, {"nonlinearity": "relu"}]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_ids)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("T", [1, 7])
+def test_fast_path_matches_general_path_and_torch_nn(kind, config, T, general_calls, monkeypatch):
+    """Under no_grad the forward takes the fast path (no general-path layer call) and gives torch.nn's outputs, and
+    exactly the general path's (the same op calls): values, shapes and strides."""
+    kw = {k: v for k, v in config.items() if k not in ("unbatched", "no_hx")}
+    if "proj_size" in kw and kind != "LSTM" or "nonlinearity" in kw and kind != "RNN":
+        pytest.skip("torch.nn has no such module")
+    ref, ours = make_pair(kind, I, H, **kw)
+    D = 2 if kw.get("bidirectional") else 1
+    LD, B, P = kw.get("num_layers", 1) * D, 3, kw.get("proj_size") or H
+    batched = not config.get("unbatched")
+    g = torch.Generator().manual_seed(T)
+    shape = ((B, T) if kw.get("batch_first") else (T, B)) if batched else (T,)
+    x = torch.randn(*shape, I, generator=g, dtype=torch.float64)
+    args = (x,) if config.get("no_hx") else (x, _state(kind, LD, B, P, batched, g))
+    with torch.no_grad():
+        got = ours(*args)
+        assert general_calls == []
+        want = ref(*args)
+        monkeypatch.setattr(fm, "_cpu_sequence", lambda *a: None)
+        general = ours(*args)
+    assert general_calls
+    got_t, want_t, gen_t = (torch.utils._pytree.tree_leaves(o) for o in (got, want, general))
+    assert len(got_t) == len(want_t) == len(gen_t)
+    for a, b, c in zip(got_t, want_t, gen_t):
+        assert a.shape == b.shape == c.shape
+        assert a.stride() == c.stride()
+        assert torch.equal(a, c)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_fast_path_in_grad_mode_when_nothing_requires_grad(kind, general_calls):
+    """A frozen module (no parameter requiring grad) in grad mode records no graph either way: the fast path runs.
+    With a parameter or the input requiring grad the general path runs and the gradients are torch.nn's."""
+    ref, ours = make_pair(kind, I, H)
+    x = torch.randn(4, 2, I, dtype=torch.float64)
+    ours.requires_grad_(False)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)
+    assert general_calls == []
+    xg = x.clone().requires_grad_()
+    y = ours(xg)[0]
+    assert general_calls == ["lstm" if kind == "LSTM" else "gru"]
+    y.sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr)[0].sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    ours.requires_grad_(True)
+    ours(x)[0].sum().backward()
+    assert len(general_calls) == 2 and ours.weight_hh_l0.grad is not None
+
+
+class _Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _fallback_cases():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Function(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def packed(m, x):
+        return m(pack_padded_sequence(x, torch.tensor([4, 3, 1]), enforce_sorted=False))
+
+    def dropout_training(m, x):
+        m.dropout = 0.5
+        m.train()
+        return m(x)
+
+    def parametrized(m, x):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", _Double())
+        return m(x)
+
+    def weight_replaced(m, x):  # a WeightDrop-style module: the weight a plain tensor attribute
+        w = m._parameters.pop("weight_hh_l0")
+        m.weight_hh_l0 = w.detach() * 0.5
+        return m(x)
+
+    def subclass_property(m, x):  # a subclass whose weight is a property over the stored parameter
+        class Halved(type(m)):
+            @property
+            def weight_hh_l0(self):
+                return self._parameters["weight_hh_l0"] * 0.5
+
+        m.__class__ = Halved
+        return m(x)
+
+    def reference_backend(m, x):
+        m.backend = "reference"
+        return m(x)
+
+    def env_backend(m, x, monkeypatch):
+        monkeypatch.setenv("FUSEDRNN_BACKEND", "reference")
+        return m(x)
+
+    def debug_nan(m, x, monkeypatch):
+        monkeypatch.setenv("FUSEDRNN_DEBUG_NAN", "1")
+        return m(x)
+
+    def in_mode(mode):
+        def run(m, x):
+            with mode():
+                return m(x)
+        return run
+
+    def autocast(m, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x.float())
+
+    def hx_list(m, x):
+        return m(x, [torch.zeros(2, 3, H, dtype=x.dtype), torch.zeros(2, 3, H, dtype=x.dtype)])
+
+    def traced(m, x):
+        return torch.jit.trace(m, (x,), check_trace=False)(x)
+
+    return {"packed": packed, "dropout_training": dropout_training, "parametrized": parametrized,
+            "weight_replaced": weight_replaced, "subclass_property": subclass_property, "reference_backend": reference_backend, "env_backend": env_backend,
+            "debug_nan": debug_nan, "dispatch_mode": in_mode(Dispatch), "function_mode": in_mode(Function),
+            "autocast": autocast, "hx_list": hx_list, "jit_trace": traced}
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_general_path_runs_where_the_fast_path_does_not_apply(case, general_calls, monkeypatch):
+    """Each thing the fast path leaves to the general path does reach it (and the forward still works)."""
+    fn = _fallback_cases()[case]
+    _, ours = make_pair("LSTM", I, H, num_layers=2)
+    if case == "autocast":
+        ours.float()
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    with torch.no_grad():
+        out = fn(ours, x, monkeypatch) if "monkeypatch" in fn.__code__.co_varnames else fn(ours, x)
+    assert general_calls, case
+    assert out is not None
+
+
+def test_fast_path_declines_under_functorch_transforms():
+    """Inside a functorch transform (vmap here; the layer op has no batching rule, so the module itself cannot run
+    there) _cpu_sequence says no before computing anything."""
+    _, ours = make_pair("GRU", I, H)
+    seen = []
+
+    def f(xi):
+        seen.append(fm._cpu_sequence(ours, xi, None))
+        return xi * 2
+
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    with torch.no_grad():
+        assert fm._cpu_sequence(ours, x, None) is not None
+        torch.func.vmap(f, in_dims=1)(x)
+    assert seen == [None]
+
+
+BAD_INPUTS = {
+    "input_size": lambda x, h, c: ((x[..., :-1],), {}),
+    "hx_batch": lambda x, h, c: ((x, (h[:, :2], c[:, :2])), {}),
+    "cx_width": lambda x, h, c: ((x, (h, c[..., :-1])), {}),
+    "hx_dtype": lambda x, h, c: ((x, (h.float(), c)), {}),
+    "input_dtype": lambda x, h, c: ((x.float(), (h, c)), {}),
+    "hx_2d_for_batched": lambda x, h, c: ((x, (h[0], c[0])), {}),
+    "input_4d": lambda x, h, c: ((x[None],), {}),
+    "empty_sequence": lambda x, h, c: ((x[:0],), {}),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_INPUTS))
+def test_bad_input_under_no_grad_errors_as_torch_nn(bad):
+    """Bad input under no_grad (where the fast path is tried first) raises torch.nn's error: same type, same
+    message."""
+    ref, ours = make_pair("LSTM", I, H)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    h, c = torch.randn(1, 3, H, dtype=torch.float64), torch.randn(1, 3, H, dtype=torch.float64)
+    args, kwargs = BAD_INPUTS[bad](x, h, c)
+    errors = []
+    for m in (ref, ours):
+        with torch.no_grad(), pytest.raises(Exception) as info:
+            m(*args, **kwargs)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
+def test_fast_path_sees_functional_call_weights():
+    """torch.func.functional_call's weights (swapped into the module for the call) are the ones the fast path reads,
+    as torch.nn's forward does."""
+    ref, ours = make_pair("LSTM", I, H, num_layers=2)
+    new = {k: torch.randn_like(v) for k, v in ref.state_dict().items()}
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.func.functional_call(ours, new, (x,))
+        want = torch.func.functional_call(ref, new, (x,))
+        before = ours(x)[0]
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got[0], before)
