@@ -240,6 +240,7 @@ def test_gemm_library(mode, case, library, bwd, monkeypatch):
     AVX-512 (BW, VL, DQ): on such a CPU it must run, elsewhere the layers fall back to BLAS."""
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM", library)
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL_PROJ", "0")  # these chunks are small enough for the matrix-vector kernel
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL_BWD", "0")  # and the backward's products for the vector-matrix kernel
     if bwd != "-":
         monkeypatch.setenv("FUSEDRNN_CPU_GEMM_BWD", bwd)
     monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
@@ -259,6 +260,25 @@ def test_small_input_projection(mode, case, rows, monkeypatch):
     and inference."""
     monkeypatch.setenv("FUSEDRNN_CPU_SMALL_PROJ", rows)
     monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", "5")
+    _float32_train_and_inference_match_reference(mode, case)
+
+
+@pytest.mark.parametrize("small", ["0", "1"])
+@pytest.mark.parametrize("chunk_rows", ["1", "5", "1000"])
+@pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
+                                       ("lstm", (2, 1, None, 0)), ("gru", (2, 5, [8, 8, 4, 3, 1], 0)),
+                                       ("gru", (1, 1, None, 0)), ("rnn_tanh", (2, 3, None, 0))])
+def test_small_backward_products(mode, case, chunk_rows, small, monkeypatch):
+    """The backward's products with few rows (grad_x = dG W_ih over a chunk's rows; the weight gradients, summed
+    over a chunk's rows, accumulated chunk after chunk, dW_hh from views of y and hx or a gathered H_prev, dW_hr of
+    a projection) on the vector-matrix kernel (FUSEDRNN_CPU_SMALL_BWD=1, the default for products this small) or on
+    BLAS (0): the same gradients, float64 against the reference to its tolerance and float32 to float32 rounding,
+    in chunks of one row (a chunk a step), a few rows and one chunk (over 16 rows of some cases: BLAS there)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_SMALL_BWD", small)
+    monkeypatch.setenv("FUSEDRNN_CPU_CHUNK_ROWS", chunk_rows)
+    D, B, lengths, proj = case
+    args, grads = make_case(mode, D, B, lengths, I=5, H=24, proj=proj, dtype=torch.float64)
+    assert_match(run("cpu", args, grads), run("reference", args, grads), TOL[torch.float64])
     _float32_train_and_inference_match_reference(mode, case)
 
 
