@@ -501,7 +501,12 @@ def _cpu_sequence(m, input: Tensor, hx):
     general path handles; anything else (bad input included, whose errors the general path gives as torch.nn does)
     returns None before anything is computed or evaluated. Why: a decoder calling the module one step at a time pays
     the general path's Python at every call, about 35 us against the op's 12-22 us at T = 1, B = 1 (2-core Xeon),
-    and a cold cache (any work between calls) multiplies it."""
+    and a cold cache (any work between calls) multiplies it.
+
+    With a graph to record, a single step of a one-layer, one-direction module without projection (a decoder trained
+    one step at a time) runs as the cells' op (torch.ops.fusedrnn.cpu_cell, whose autograd node is C++: the same
+    kernels with T = 1, so the same values and gradients as the layer op); y and h_n are then separate tensors, as
+    torch.nn's. Anything else with a graph takes the general path."""
     if torch.compiler.is_compiling() or torch._C._is_tracing():  # (first: nothing below is traced)
         return None
     nd = input.dim()
@@ -510,8 +515,7 @@ def _cpu_sequence(m, input: Tensor, hx):
     if type(m) not in _SEQ_CLASSES or m.dropout and m.training and m.num_layers > 1:
         return None
     grad = torch.is_grad_enabled()
-    if grad and input.requires_grad:
-        return None
+    record = grad and input.requires_grad
     batched = nd == 3
     if not batched:
         T, B = input.shape[0], 1
@@ -528,8 +532,9 @@ def _cpu_sequence(m, input: Tensor, hx):
     params = m._parameters
     flat = [params.get(n) for n in m._flat_weights_names]
     for w in flat:
-        if type(w) not in _PLAIN or w.dtype != dt or not w.is_cpu or grad and w.requires_grad:
+        if type(w) not in _PLAIN or w.dtype != dt or not w.is_cpu:
             return None
+        record = record or grad and w.requires_grad
     if hx is not None:
         if lstm:
             if type(hx) is not tuple or len(hx) != 2:
@@ -540,9 +545,12 @@ def _cpu_sequence(m, input: Tensor, hx):
             h0, c0 = hx, None
             states = ((h0, P),)
         for h, width in states:
-            if (type(h) is not Tensor or h.dtype != dt or not h.is_cpu or grad and h.requires_grad
+            if (type(h) is not Tensor or h.dtype != dt or not h.is_cpu
                     or h.shape != ((LD, B, width) if batched else (LD, width))):
                 return None
+            record = record or grad and h.requires_grad
+    if record and (T != 1 or m.num_layers != 1 or D != 1 or m.proj_size > 0):
+        return None
     key = (m.backend, env("FUSEDRNN_BACKEND"), dt, m.mode, m.proj_size > 0, GENERATION[0], AUTO_ORDER.get("cpu"))
     backend = _RESOLVED.get(key)
     if backend is None:
@@ -561,6 +569,16 @@ def _cpu_sequence(m, input: Tensor, hx):
     elif not batched:
         h0 = h0.unsqueeze(1)
         c0 = c0.unsqueeze(1) if lstm else None
+    if record:  # one step of one layer: the cell op; x [B, I], states [B, H]
+        x = input if not batched else input[:, 0] if m.batch_first else input[0]
+        op = _CPU_CELL[0] if _CPU_CELL else _cpu_cell()
+        h, c, _ = op(_MODES[m.mode], x, h0[0], c0[0] if lstm else None, flat, m.bias, True)
+        y = h if not batched else h.unsqueeze(1 if m.batch_first else 0)
+        hy = h.clone().unsqueeze(0)  # (not a second view of y: torch.nn's outputs share no memory)
+        if not batched:
+            hy = hy.squeeze(1)
+        cy = (c.unsqueeze(0) if batched else c) if lstm else None
+        return (y, (hy, cy)) if lstm else (y, hy)
     x = input if batched else input.unsqueeze(1)
     if m.batch_first and batched:
         x = x.transpose(0, 1)

@@ -249,3 +249,72 @@ def test_fast_path_sees_functional_call_weights():
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(got[0], before)
+
+
+ONE_STEP = [{}, {"batch_first": True}, {"unbatched": True}, {"no_hx": True}, {"bias": False}]
+
+
+@pytest.mark.parametrize("config", ONE_STEP, ids=_config_ids)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_one_step_training_runs_as_the_cell_op(kind, config, general_calls, monkeypatch):
+    """With a graph to record, one step of a one-layer, one-direction module (a decoder trained step by step) runs
+    as the cells' op, not the general path: outputs and every gradient (input, states, parameters) those of the
+    general path and torch.nn's, y and h_n separate tensors as torch.nn's."""
+    kw = {k: v for k, v in config.items() if k not in ("unbatched", "no_hx")}
+    ref, ours = make_pair(kind, I, H, **kw)
+    batched, B = not config.get("unbatched"), 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(*(((B, 1) if kw.get("batch_first") else (1, B)) if batched else (1,)), I, generator=g,
+                    dtype=torch.float64)
+    hx = None if config.get("no_hx") else _state(kind, 1, B, H, batched, g)
+
+    def run(m):
+        xs = x.clone().requires_grad_()
+        hs = None if hx is None else tuple(h.clone().requires_grad_() for h in hx) if kind == "LSTM" else \
+            hx.clone().requires_grad_()
+        m.zero_grad(set_to_none=True)
+        out = m(xs) if hs is None else m(xs, hs)
+        leaves = torch.utils._pytree.tree_leaves(out)
+        w = torch.Generator().manual_seed(3)
+        sum((t * torch.randn(t.shape, generator=w, dtype=t.dtype)).sum() for t in leaves).backward()
+        grads = [xs.grad] + ([] if hs is None else [h.grad for h in torch.utils._pytree.tree_leaves(hs)])
+        return leaves, grads + [p.grad for p in m.parameters()]
+
+    got = run(ours)
+    assert general_calls == []
+    want = run(ref)
+    monkeypatch.setattr(fm, "_cpu_sequence", lambda *a: None)
+    general = run(ours)
+    assert general_calls
+    for a, b, c in zip(got[0] + got[1], want[0] + want[1], general[0] + general[1]):
+        assert a.shape == b.shape == c.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+    y, hy = got[0][0], got[0][1]
+    assert y.untyped_storage().data_ptr() != hy.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kw,T", [({}, 2), ({"num_layers": 2}, 1), ({"bidirectional": True}, 1),
+                                  ({"proj_size": 3}, 1)])
+def test_training_beyond_one_step_of_one_layer_takes_the_general_path(kw, T, general_calls):
+    """With a graph to record, anything but one step of one layer, one direction, no projection goes the general
+    way (its autograd.Function)."""
+    _, ours = make_pair("LSTM", I, H, **kw)
+    ours(torch.randn(T, 2, I, dtype=torch.float64))[0].sum().backward()
+    assert general_calls
+
+
+def test_one_step_training_second_derivatives_as_torch_nn():
+    """backward(create_graph=True) through a one-step call (the cell op's recomputed graph), then a gradient of the
+    gradient: torch.nn's."""
+    ref, ours = make_pair("GRU", I, H)
+    x = torch.randn(1, 2, I, dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        xs = x.clone().requires_grad_()
+        y, _ = m(xs)
+        (gx,) = torch.autograd.grad((y ** 2).sum(), xs, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.pow(2).sum(), xs)
+        results.append((gx.detach(), ggx))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
