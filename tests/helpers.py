@@ -2,11 +2,27 @@
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedrnn
 
 NN_CLASS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell,
             "RNNCell": nn.RNNCell}
+
+
+class PassDispatchMode(TorchDispatchMode):
+    """A dispatch mode that runs every op as it is (what rules the modules' fast paths out)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class PassFunctionMode(TorchFunctionMode):
+    """A torch function mode that runs every function as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def make_pair(kind, *args, backend="auto", dtype=torch.float64, seed=0, **kwargs):

@@ -13,16 +13,7 @@ def test_cell_fast_path_checks_agree_with_cell_op_applies(monkeypatch):
     the debug mode). Without the inlined checks, each of these cells would run the C++ Function they cannot see."""
     import fusedrnn
     import fusedrnn.modules as fm
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Dispatch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    class Function(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
+    from helpers import PassDispatchMode as Dispatch, PassFunctionMode as Function
 
     cell = fusedrnn.RNNCell(4, 5)
     ws = cell._weights()

@@ -6,7 +6,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
 import fusedrnn.modules as fm
-from helpers import make_pair
+from helpers import PassDispatchMode, PassFunctionMode, make_pair
 
 cpu = pytest.importorskip("fusedrnn.cpu")
 pytestmark = pytest.mark.skipif(cpu._C is None, reason="fusedrnn._C is not built")
@@ -105,17 +105,6 @@ class _Double(torch.nn.Module):
 
 
 def _fallback_cases():
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Dispatch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
-    class Function(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
-
     def packed(m, x):
         return m(pack_padded_sequence(x, torch.tensor([4, 3, 1]), enforce_sorted=False))
 
@@ -172,7 +161,7 @@ def _fallback_cases():
 
     return {"packed": packed, "dropout_training": dropout_training, "parametrized": parametrized,
             "weight_replaced": weight_replaced, "subclass_property": subclass_property, "reference_backend": reference_backend, "env_backend": env_backend,
-            "debug_nan": debug_nan, "dispatch_mode": in_mode(Dispatch), "function_mode": in_mode(Function),
+            "debug_nan": debug_nan, "dispatch_mode": in_mode(PassDispatchMode), "function_mode": in_mode(PassFunctionMode),
             "autocast": autocast, "hx_list": hx_list, "jit_trace": traced}
 
 
