@@ -634,7 +634,9 @@ _STEPS_MAX_T = 1024
 
 
 def _steps(B, T=1) -> Tensor:
-    if torch.compiler.is_compiling() or not isinstance(B, int) or not isinstance(T, int) or T > _STEPS_MAX_T:
+    # (never cached from inference mode: an inference tensor cannot be saved for a later training call's backward)
+    if (torch.compiler.is_compiling() or not isinstance(B, int) or not isinstance(T, int) or T > _STEPS_MAX_T
+            or torch.is_inference_mode_enabled()):
         return torch.full((T,), B, dtype=torch.int64)
     t = _STEPS.get((B, T))
     if t is None:

@@ -307,3 +307,20 @@ def test_one_step_training_second_derivatives_as_torch_nn():
         results.append((gx.detach(), ggx))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_training_after_an_inference_mode_call(kind, backend):
+    """A call under torch.inference_mode (a validation pass) and then a training call of the same shapes: the
+    batch sizes the modules reuse between calls are never inference tensors, which autograd cannot save."""
+    ref, ours = make_pair(kind, I, H, backend=backend)
+    x = torch.randn(*((3, I) if kind.endswith("Cell") else (4, 3, I)), dtype=torch.float64)
+    with torch.inference_mode():
+        ours(x)
+    for m in (ours, ref):
+        out = m(x)
+        torch.utils._pytree.tree_leaves(out)[0].sum().backward()
+    torch.testing.assert_close(ours.weight_hh_l0.grad if not kind.endswith("Cell") else ours.weight_hh.grad,
+                               ref.weight_hh_l0.grad if not kind.endswith("Cell") else ref.weight_hh.grad,
+                               rtol=1e-10, atol=1e-12)
