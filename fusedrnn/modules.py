@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import debug
-from .ops import _PLAIN, _plain_eager, layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
+from .ops import _PLAIN, _plain_eager, forward_ad_active, layer as run_layer  # (registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
 from ._env import env
 from .backends import AUTO_ORDER, GENERATION, check_backend_name, resolve
@@ -456,7 +456,7 @@ def _cell_op_applies(tensors=()) -> bool:
     (the op's autograd is a C++ Function, which functorch transforms refuse; torch.compile, tracing, modes and tensor
     subclasses see the layer op as before), and not in the debug mode (whose checks wrap the layer op)."""
     return (_plain_eager(tensors) and torch._C._functorch.maybe_current_level() is None
-            and not debug.nan_fill_enabled())
+            and not debug.nan_fill_enabled() and not forward_ad_active())
 
 
 def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
@@ -489,7 +489,8 @@ def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
     # call level at every step (torch.jit.is_scripting is left out: the modules refuse scripting).
     return (backend == "cpu" and not torch.compiler.is_compiling() and not torch._C._is_tracing()
             and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.maybe_current_level() is None and not debug.nan_fill_enabled())
+            and torch._C._functorch.maybe_current_level() is None and not debug.nan_fill_enabled()
+            and not forward_ad_active())
 
 
 def _cpu_sequence(m, input: Tensor, hx):
@@ -561,7 +562,8 @@ def _cpu_sequence(m, input: Tensor, hx):
         except RuntimeError:  # (the general path raises it)
             return None
     if (backend != "cpu" or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.maybe_current_level() is not None or debug.nan_fill_enabled() or in_export()):
+            or torch._C._functorch.maybe_current_level() is not None or debug.nan_fill_enabled() or in_export()
+            or forward_ad_active()):
         return None
     if hx is None:
         h0 = torch.zeros(LD, B, P, dtype=dt)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _fwad
 
 from . import debug
 from .backends import GATES, get_backend, masked_grads_fake
@@ -286,10 +287,25 @@ def _plain_eager(tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)  # (functorch's wrapped tensors are Tensors)
 
 
+def forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad.dual_level is open (dual tensors may be about)."""
+    return _fwad._current_level >= 0
+
+
+def _has_tangent(tensors) -> bool:
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Tensor], weights: list[Tensor],
           has_biases: bool, num_directions: int, train: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer: torch.ops.fusedrnn.rnn_layer (same arguments and results), through the eager path when nothing
-    but eager autograd is running (see above)."""
+    but eager autograd is running (see above). Forward-mode AD (torch.autograd.forward_ad: an input, a state or a
+    weight carrying a tangent) runs the reference's PyTorch ops instead, whatever the backend: no kernel has a
+    forward derivative, and the reference's ops carry the tangents (and record autograd's graph where one is asked
+    for), as torch.nn's layers do. Without this the kernels returned outputs with no tangent, silently."""
+    if forward_ad_active() and _has_tangent((x, hx, cx, *weights)):
+        from .reference import forward as reference_forward
+        return reference_forward(mode, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, False)
     if _plain_eager((x, batch_sizes, hx, cx, *weights)):
         if not torch.is_grad_enabled():  # no graph to record (no_grad, inference_mode): the body alone
             return _layer_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend)

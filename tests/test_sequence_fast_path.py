@@ -1,5 +1,6 @@
-"""The sequence modules' fast path (fusedrnn.modules._cpu_sequence): when a forward calls the cpu layer op straight
-away, and that what it returns is what the general path and torch.nn return."""
+"""The sequence modules' fast path (fusedrnn.modules._cpu_sequence): when a forward calls the cpu layer op (or, one
+training step, the cell op) straight away, and that what it returns is what the general path and torch.nn return;
+and what every path must get right around them (a training call after an inference-mode one, forward-mode AD)."""
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -324,3 +325,43 @@ def test_training_after_an_inference_mode_call(kind, backend):
     torch.testing.assert_close(ours.weight_hh_l0.grad if not kind.endswith("Cell") else ours.weight_hh.grad,
                                ref.weight_hh_l0.grad if not kind.endswith("Cell") else ref.weight_hh.grad,
                                rtol=1e-10, atol=1e-12)
+
+
+FWD_AD = [("LSTM", {}), ("LSTM", {"num_layers": 2, "bidirectional": True, "proj_size": 4}), ("GRU", {}),
+          ("GRU", {"batch_first": True}), ("RNN", {"num_layers": 2}), ("LSTMCell", {}), ("GRUCell", {}),
+          ("RNNCell", {})]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("kind,kw", FWD_AD, ids=[f"{k}-{_config_ids(c)}" for k, c in FWD_AD])
+def test_forward_mode_ad_as_torch_nn(kind, kw, grad):
+    """torch.autograd.forward_ad: tangents on the input and the state come out as torch.nn's (the layers run the
+    reference's PyTorch ops then; the kernels have no forward derivative and used to drop the tangents silently),
+    grad mode on or off; with it on, a backward through the same call gives torch.nn's parameter gradients."""
+    import torch.autograd.forward_ad as fwAD
+    ref, ours = make_pair(kind, I, H, **kw)
+    cell = kind.endswith("Cell")
+    D = 2 if kw.get("bidirectional") else 1
+    LD, P = kw.get("num_layers", 1) * D, kw.get("proj_size") or H
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*((3,) if cell else (2, 3) if kw.get("batch_first") else (3, 2)), I, generator=g,
+                    dtype=torch.float64)
+    h = torch.randn(*((3, H) if cell else (LD, 2, P)), generator=g,
+                    dtype=torch.float64)
+    tx, th = torch.randn_like(x), torch.randn_like(h)
+    results = []
+    for m in (ref, ours):
+        m.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad), fwAD.dual_level():
+            xd, hd = fwAD.make_dual(x, tx), fwAD.make_dual(h, th)
+            state = (hd, torch.zeros(*h.shape[:-1], H, dtype=h.dtype)) if kind.startswith("LSTM") else hd
+            out = torch.utils._pytree.tree_leaves(m(xd, state))
+            primal = [fwAD.unpack_dual(o).primal for o in out]
+            tangent = [fwAD.unpack_dual(o).tangent for o in out]
+            if grad:
+                sum(p.sum() for p in primal).backward()
+        results.append((primal, tangent, [p.grad for p in m.parameters()] if grad else []))
+    (p0, t0, g0), (p1, t1, g1) = results
+    assert all(t is not None for t in t1)
+    for a, b in zip(p0 + t0 + g0, p1 + t1 + g1):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
