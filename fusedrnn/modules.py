@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import debug
-from .ops import _PLAIN, _plain_eager, forward_ad_active, layer as run_layer  # (registers torch.ops.fusedrnn.*)
+from .ops import _PLAIN, _EagerLayer, _plain_eager, forward_ad_active, layer as run_layer  # (registers the ops)
 from .amp import autocast_dtype, cast, output_dtypes
 from ._env import env
 from .backends import AUTO_ORDER, GENERATION, check_backend_name, resolve
@@ -507,7 +507,8 @@ def _cpu_sequence(m, input: Tensor, hx):
     With a graph to record, a single step of a one-layer, one-direction module without projection (a decoder trained
     one step at a time) runs as the cells' op (torch.ops.fusedrnn.cpu_cell, whose autograd node is C++: the same
     kernels with T = 1, so the same values and gradients as the layer op); y and h_n are then separate tensors, as
-    torch.nn's. Anything else with a graph takes the general path."""
+    torch.nn's. Anything else with a graph runs the general path's autograd.Function (ops._EagerLayer) per layer,
+    as ops.layer would, without the general path's Python around it."""
     if torch.compiler.is_compiling() or torch._C._is_tracing():  # (first: nothing below is traced)
         return None
     nd = input.dim()
@@ -550,8 +551,6 @@ def _cpu_sequence(m, input: Tensor, hx):
                     or h.shape != ((LD, B, width) if batched else (LD, width))):
                 return None
             record = record or grad and h.requires_grad
-    if record and (T != 1 or m.num_layers != 1 or D != 1 or m.proj_size > 0):
-        return None
     key = (m.backend, env("FUSEDRNN_BACKEND"), dt, m.mode, m.proj_size > 0, GENERATION[0], AUTO_ORDER.get("cpu"))
     backend = _RESOLVED.get(key)
     if backend is None:
@@ -571,7 +570,7 @@ def _cpu_sequence(m, input: Tensor, hx):
     elif not batched:
         h0 = h0.unsqueeze(1)
         c0 = c0.unsqueeze(1) if lstm else None
-    if record:  # one step of one layer: the cell op; x [B, I], states [B, H]
+    if record and T == 1 and m.num_layers == 1 and D == 1 and m.proj_size == 0:  # the cell op; x [B, I]
         x = input if not batched else input[:, 0] if m.batch_first else input[0]
         op = _CPU_CELL[0] if _CPU_CELL else _cpu_cell()
         h, c, _ = op(_MODES[m.mode], x, h0[0], c0[0] if lstm else None, flat, m.bias, True)
@@ -585,8 +584,12 @@ def _cpu_sequence(m, input: Tensor, hx):
     if m.batch_first and batched:
         x = x.transpose(0, 1)
     x = x.reshape(T * B, m.input_size)
-    op = _CPU_LAYER[0] if _CPU_LAYER else _cpu_layer()
     mode, steps, bias = _MODES[m.mode], _steps(B, T), m.bias
+    if record:  # the general path's autograd.Function, called as it would call it (ops.layer)
+        def op(mode, x, steps, h, c, ws, bias, D, _train):
+            return _EagerLayer.apply(mode, x, steps, h, c, bias, D, True, "cpu", *ws)
+    else:
+        op = _CPU_LAYER[0] if _CPU_LAYER else _cpu_layer()
     if m.num_layers == 1:
         y, hy, cy, _ = op(mode, x, steps, h0, c0, flat, bias, D, False)
     else:

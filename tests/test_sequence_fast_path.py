@@ -81,23 +81,60 @@ def test_fast_path_matches_general_path_and_torch_nn(kind, config, T, general_ca
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_fast_path_in_grad_mode_when_nothing_requires_grad(kind, general_calls):
-    """A frozen module (no parameter requiring grad) in grad mode records no graph either way: the fast path runs.
-    With a parameter or the input requiring grad the general path runs and the gradients are torch.nn's."""
+    """A frozen module (no parameter requiring grad) in grad mode records no graph: the op runs straight away. With
+    the input requiring grad the fast path records through the general path's autograd.Function, and the gradients
+    are torch.nn's."""
     ref, ours = make_pair(kind, I, H)
     x = torch.randn(4, 2, I, dtype=torch.float64)
     ours.requires_grad_(False)
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)
-    assert general_calls == []
     xg = x.clone().requires_grad_()
-    y = ours(xg)[0]
-    assert general_calls == ["lstm" if kind == "LSTM" else "gru"]
-    y.sum().backward()
+    ours(xg)[0].sum().backward()
     xr = x.clone().requires_grad_()
     ref(xr)[0].sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=1e-12)
-    ours.requires_grad_(True)
-    ours(x)[0].sum().backward()
-    assert len(general_calls) == 2 and ours.weight_hh_l0.grad is not None
+    assert general_calls == []
+
+
+TRAIN = [({}, 5), ({"num_layers": 2}, 1), ({"bidirectional": True}, 4), ({"proj_size": 3}, 1),
+         ({"num_layers": 2, "bidirectional": True, "proj_size": 3, "batch_first": True}, 6), ({"bias": False}, 3)]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("kw,T", TRAIN, ids=[f"{_config_ids(c)}-T{t}" for c, t in TRAIN])
+def test_training_through_the_fast_path(kind, kw, T, general_calls, monkeypatch):
+    """With a graph to record, anything but one step of one layer and direction without projection goes through
+    the general path's autograd.Function straight from the fast path: outputs and every gradient (input, states,
+    parameters) those of the general path, bitwise, and torch.nn's."""
+    if "proj_size" in kw and kind != "LSTM":
+        pytest.skip("torch.nn has no such module")
+    ref, ours = make_pair(kind, I, H, **kw)
+    D = 2 if kw.get("bidirectional") else 1
+    LD, B, P = kw.get("num_layers", 1) * D, 3, kw.get("proj_size") or H
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(*((B, T) if kw.get("batch_first") else (T, B)), I, generator=g, dtype=torch.float64)
+    hx = _state(kind, LD, B, P, True, g)
+
+    def run(m):
+        xs = x.clone().requires_grad_()
+        hs = tuple(h.clone().requires_grad_() for h in hx) if kind == "LSTM" else hx.clone().requires_grad_()
+        m.zero_grad(set_to_none=True)
+        leaves = torch.utils._pytree.tree_leaves(m(xs, hs))
+        w = torch.Generator().manual_seed(3)
+        sum((t * torch.randn(t.shape, generator=w, dtype=t.dtype)).sum() for t in leaves).backward()
+        return leaves, [xs.grad] + [h.grad for h in torch.utils._pytree.tree_leaves(hs)] + [
+            p.grad for p in m.parameters()]
+
+    got = run(ours)
+    assert general_calls == []
+    want = run(ref)
+    monkeypatch.setattr(fm, "_cpu_sequence", lambda *a: None)
+    general = run(ours)
+    assert general_calls
+    for a, b, c in zip(got[0] + got[1], want[0] + want[1], general[0] + general[1]):
+        assert a.shape == b.shape == c.shape
+        assert torch.equal(a, c)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 class _Double(torch.nn.Module):
@@ -282,16 +319,6 @@ def test_one_step_training_runs_as_the_cell_op(kind, config, general_calls, monk
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
     y, hy = got[0][0], got[0][1]
     assert y.untyped_storage().data_ptr() != hy.untyped_storage().data_ptr()
-
-
-@pytest.mark.parametrize("kw,T", [({}, 2), ({"num_layers": 2}, 1), ({"bidirectional": True}, 1),
-                                  ({"proj_size": 3}, 1)])
-def test_training_beyond_one_step_of_one_layer_takes_the_general_path(kw, T, general_calls):
-    """With a graph to record, anything but one step of one layer, one direction, no projection goes the general
-    way (its autograd.Function)."""
-    _, ours = make_pair("LSTM", I, H, **kw)
-    ours(torch.randn(T, 2, I, dtype=torch.float64))[0].sum().backward()
-    assert general_calls
 
 
 def test_one_step_training_second_derivatives_as_torch_nn():
