@@ -96,6 +96,30 @@ def test_fast_path_in_grad_mode_when_nothing_requires_grad(kind, general_calls):
     assert general_calls == []
 
 
+def _train_three_ways(kind, ref, ours, x, hx, general_calls, monkeypatch):
+    """Forward and backward (a fixed random projection of every output) with fresh leaf copies of x and hx (None:
+    not given): ours through the fast path (asserted: no general-path layer call), torch.nn's, ours through the
+    general path. Returns the three (outputs, gradients of x, the states and every parameter)."""
+    def run(m):
+        xs = x.clone().requires_grad_()
+        hs = None if hx is None else tuple(h.clone().requires_grad_() for h in hx) if kind == "LSTM" else \
+            hx.clone().requires_grad_()
+        m.zero_grad(set_to_none=True)
+        leaves = torch.utils._pytree.tree_leaves(m(xs) if hs is None else m(xs, hs))
+        w = torch.Generator().manual_seed(3)
+        sum((t * torch.randn(t.shape, generator=w, dtype=t.dtype)).sum() for t in leaves).backward()
+        grads = [xs.grad] + ([] if hs is None else [h.grad for h in torch.utils._pytree.tree_leaves(hs)])
+        return leaves, grads + [p.grad for p in m.parameters()]
+
+    got = run(ours)
+    assert general_calls == []
+    want = run(ref)
+    monkeypatch.setattr(fm, "_cpu_sequence", lambda *a: None)
+    general = run(ours)
+    assert general_calls
+    return got, want, general
+
+
 TRAIN = [({}, 5), ({"num_layers": 2}, 1), ({"bidirectional": True}, 4), ({"proj_size": 3}, 1),
          ({"num_layers": 2, "bidirectional": True, "proj_size": 3, "batch_first": True}, 6), ({"bias": False}, 3)]
 
@@ -115,22 +139,7 @@ def test_training_through_the_fast_path(kind, kw, T, general_calls, monkeypatch)
     x = torch.randn(*((B, T) if kw.get("batch_first") else (T, B)), I, generator=g, dtype=torch.float64)
     hx = _state(kind, LD, B, P, True, g)
 
-    def run(m):
-        xs = x.clone().requires_grad_()
-        hs = tuple(h.clone().requires_grad_() for h in hx) if kind == "LSTM" else hx.clone().requires_grad_()
-        m.zero_grad(set_to_none=True)
-        leaves = torch.utils._pytree.tree_leaves(m(xs, hs))
-        w = torch.Generator().manual_seed(3)
-        sum((t * torch.randn(t.shape, generator=w, dtype=t.dtype)).sum() for t in leaves).backward()
-        return leaves, [xs.grad] + [h.grad for h in torch.utils._pytree.tree_leaves(hs)] + [
-            p.grad for p in m.parameters()]
-
-    got = run(ours)
-    assert general_calls == []
-    want = run(ref)
-    monkeypatch.setattr(fm, "_cpu_sequence", lambda *a: None)
-    general = run(ours)
-    assert general_calls
+    got, want, general = _train_three_ways(kind, ref, ours, x, hx, general_calls, monkeypatch)
     for a, b, c in zip(got[0] + got[1], want[0] + want[1], general[0] + general[1]):
         assert a.shape == b.shape == c.shape
         assert torch.equal(a, c)
@@ -295,24 +304,7 @@ def test_one_step_training_runs_as_the_cell_op(kind, config, general_calls, monk
                     dtype=torch.float64)
     hx = None if config.get("no_hx") else _state(kind, 1, B, H, batched, g)
 
-    def run(m):
-        xs = x.clone().requires_grad_()
-        hs = None if hx is None else tuple(h.clone().requires_grad_() for h in hx) if kind == "LSTM" else \
-            hx.clone().requires_grad_()
-        m.zero_grad(set_to_none=True)
-        out = m(xs) if hs is None else m(xs, hs)
-        leaves = torch.utils._pytree.tree_leaves(out)
-        w = torch.Generator().manual_seed(3)
-        sum((t * torch.randn(t.shape, generator=w, dtype=t.dtype)).sum() for t in leaves).backward()
-        grads = [xs.grad] + ([] if hs is None else [h.grad for h in torch.utils._pytree.tree_leaves(hs)])
-        return leaves, grads + [p.grad for p in m.parameters()]
-
-    got = run(ours)
-    assert general_calls == []
-    want = run(ref)
-    monkeypatch.setattr(fm, "_cpu_sequence", lambda *a: None)
-    general = run(ours)
-    assert general_calls
+    got, want, general = _train_three_ways(kind, ref, ours, x, hx, general_calls, monkeypatch)
     for a, b, c in zip(got[0] + got[1], want[0] + want[1], general[0] + general[1]):
         assert a.shape == b.shape == c.shape
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
