@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sanitizer job: builds the C++ extension (fusedrnn._C) with -fsanitize=address,undefined in a private copy of the
 # tree (build/sanitize/, so the normal in-place build stays untouched), then runs the C++ engineer's
-# tests/test_cpu_kernels.py, tests/test_cpu_half.py, tests/test_block_cache.py and a subset of the conformance /
-# hostile / fuzz tests against it under ASan + UBSan.
+# tests/test_cpu_kernels.py, test_cpu_cell_op.py, test_cpu_half.py, test_block_cache.py and a subset of the
+# conformance / hostile / fuzz tests against it under ASan + UBSan.
 #
 #   .ci/sanitize.sh [extra pytest args]       # FUSEDRNN_SANITIZE_DIR overrides the work folder
 #
@@ -55,6 +55,7 @@ built=$(date +%s)
 
 # 3. The tests, with the instrumented copy first on the path.
 TESTS=(tests/test_cpu_kernels.py
+       tests/test_cpu_cell_op.py
        tests/test_cpu_half.py
        tests/test_block_cache.py
        "tests/test_conformance.py::test_long_packed_with_length_one_sequences"
@@ -63,7 +64,7 @@ TESTS=(tests/test_cpu_kernels.py
        tests/test_hostile.py::test_strided_views_as_input_and_state
        tests/test_hostile.py::test_op_level_stride_zero_and_transposed_arguments
        tests/test_hostile.py::test_inconsistent_packed_sequence)
-[ -f "$SRC/tests/test_cpu_kernels.py" ] || TESTS=("${TESTS[@]:2}")
+[ -f "$SRC/tests/test_cpu_kernels.py" ] || TESTS=("${TESTS[@]:3}")
 echo "sanitize: running ${TESTS[*]} $*"
 cd "$SRC"
 set +e

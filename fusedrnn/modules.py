@@ -9,9 +9,9 @@ compilable. So `isinstance(m, nn.RNNBase)` holds and `isinstance(m, nn.LSTM)` do
 Every layer runs as one `torch.ops.fusedrnn.rnn_layer` call (fusedrnn/ops.py; in plain eager mode through
 ops.layer, an autograd.Function, the same code without the op's dispatch); weights are read at every forward as
 torch.nn reads them (_weights), so parametrizations (weight_norm, spectral_norm, ...) and `functional_call` see
-current values, evaluated as often as with torch.nn. CPU inference with nothing to record for autograd takes a
-shorter way to the cpu backend's op (_cpu_sequence; cells: _cpu_cell_step), where every check is one of torch.nn's
-passing: anything else goes the general way.
+current values, evaluated as often as with torch.nn. On the CPU in plain eager mode the modules take shorter ways to
+the cpu backend's ops where every check is one of torch.nn's passing (fusedrnn/fast_path.py: _cpu_sequence,
+_cpu_cell_step); anything else goes the general way.
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import debug
-from .ops import _PLAIN, _EagerLayer, _plain_eager, forward_ad_active, layer as run_layer  # (registers the ops)
+from .ops import layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
-from ._env import env
-from .backends import AUTO_ORDER, GENERATION, check_backend_name, resolve
+from .backends import check_backend_name, resolve
+from .fast_path import _CPU_CELL, _MODES, _cell_op_applies, _cpu_cell, _cpu_cell_step, _cpu_sequence, _steps
 from .onnx import export_forward, in_export
 
-_MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 # ATen's names for dtypes, used where torch.nn's error comes from ATen ("mat1 and mat2 must have the same dtype").
 _ATEN_DTYPE = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
                torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
@@ -267,7 +265,7 @@ class _FusedRNNBase(nn.RNNBase):
         return input, batch_sizes, hx, unsorted_indices, is_batched, batch_dim
 
     def _sequence_forward(self, input, hx, name: str):
-        if type(input) is Tensor and input.is_cpu:
+        if type(input) is Tensor and input.is_cpu and type(self) in _SEQ_CLASSES:
             out = _cpu_sequence(self, input, hx)
             if out is not None:
                 return out
@@ -451,204 +449,7 @@ class _FusedCellBase(nn.RNNCellBase):
         return out if n_states == 2 else out[0]
 
 
-def _cell_op_applies(tensors=()) -> bool:
-    """Whether a cpu cell step on these tensors may run as torch.ops.fusedrnn.cpu_cell: in plain eager mode only
-    (the op's autograd is a C++ Function, which functorch transforms refuse; torch.compile, tracing, modes and tensor
-    subclasses see the layer op as before), and not in the debug mode (whose checks wrap the layer op)."""
-    return (_plain_eager(tensors) and torch._C._functorch.maybe_current_level() is None
-            and not debug.nan_fill_enabled() and not forward_ad_active())
-
-
-def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
-    """Whether this step runs as torch.ops.fusedrnn.cpu_cell straight away: the common case (CPU tensors of one
-    dtype, shapes that fit, no autocast, `cpu` the backend, _cell_op_applies), told apart in a few attribute reads.
-    Anything else takes _cell_general, whose checks give torch.nn's errors (each condition here is one of them
-    passing, or a case it handles)."""
-    if type(input) is not Tensor or not input.is_cpu:
-        return False
-    B, n_in = input.shape
-    if n_in != cell.input_size or B == 0 or torch._C._is_any_autocast_enabled():
-        return False
-    dt, shape = input.dtype, (B, cell.hidden_size)
-    for h in hx:
-        if type(h) is not Tensor or h.shape != shape or h.dtype != dt or not h.is_cpu:
-            return False
-    for w in weights:
-        if type(w) not in _PLAIN or w.dtype != dt or not w.is_cpu:
-            return False
-    key = (cell.backend, env("FUSEDRNN_BACKEND"), dt, mode, GENERATION[0], AUTO_ORDER.get("cpu"))
-    backend = _RESOLVED.get(key)
-    if backend is None:
-        if len(_RESOLVED) > 64:
-            _RESOLVED.clear()
-        try:
-            backend = _RESOLVED[key] = resolve(cell.backend, input.device, dt, mode, False)
-        except RuntimeError:  # (_cell_general raises it)
-            return False
-    # _cell_op_applies() (the tensors' types are checked above), its calls inlined: a decoder loop pays each Python
-    # call level at every step (torch.jit.is_scripting is left out: the modules refuse scripting).
-    return (backend == "cpu" and not torch.compiler.is_compiling() and not torch._C._is_tracing()
-            and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.maybe_current_level() is None and not debug.nan_fill_enabled()
-            and not forward_ad_active())
-
-
-def _cpu_sequence(m, input: Tensor, hx):
-    """A sequence module's forward as the cpu layer op's calls straight away, or None where the general path must
-    run (_sequence_forward). The common inference case: a padded CPU input (batched, unbatched or batch_first), hx
-    absent or of the right shapes, one dtype throughout, no autograd graph to record (grad off, or nothing requiring
-    grad), `cpu` the backend, plain eager mode, the module's own class with its parameters in place (no
-    parametrization), no dropout between layers. Each condition is one of torch.nn's checks passing or a case the
-    general path handles; anything else (bad input included, whose errors the general path gives as torch.nn does)
-    returns None before anything is computed or evaluated. Why: a decoder calling the module one step at a time pays
-    the general path's Python at every call, about 35 us against the op's 12-22 us at T = 1, B = 1 (2-core Xeon),
-    and a cold cache (any work between calls) multiplies it.
-
-    With a graph to record, a single step of a one-layer, one-direction module without projection (a decoder trained
-    one step at a time) runs as the cells' op (torch.ops.fusedrnn.cpu_cell, whose autograd node is C++: the same
-    kernels with T = 1, so the same values and gradients as the layer op); y and h_n are then separate tensors, as
-    torch.nn's. Anything else with a graph runs the general path's autograd.Function (ops._EagerLayer) per layer,
-    as ops.layer would, without the general path's Python around it."""
-    if torch.compiler.is_compiling() or torch._C._is_tracing():  # (first: nothing below is traced)
-        return None
-    nd = input.dim()
-    if nd != 3 and nd != 2 or input.shape[-1] != m.input_size or torch._C._is_any_autocast_enabled():
-        return None
-    if type(m) not in _SEQ_CLASSES or m.dropout and m.training and m.num_layers > 1:
-        return None
-    grad = torch.is_grad_enabled()
-    record = grad and input.requires_grad
-    batched = nd == 3
-    if not batched:
-        T, B = input.shape[0], 1
-    elif m.batch_first:
-        B, T = input.shape[0], input.shape[1]
-    else:
-        T, B = input.shape[0], input.shape[1]
-    if T == 0 or B == 0:
-        return None
-    dt, H = input.dtype, m.hidden_size
-    D = 2 if m.bidirectional else 1
-    LD, P = m.num_layers * D, (m.proj_size if m.proj_size > 0 else H)
-    lstm = m.mode == "LSTM"
-    params = m._parameters
-    flat = [params.get(n) for n in m._flat_weights_names]
-    for w in flat:
-        if type(w) not in _PLAIN or w.dtype != dt or not w.is_cpu:
-            return None
-        record = record or grad and w.requires_grad
-    if hx is not None:
-        if lstm:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h0, c0 = hx
-            states = ((h0, P), (c0, H))
-        else:
-            h0, c0 = hx, None
-            states = ((h0, P),)
-        for h, width in states:
-            if (type(h) is not Tensor or h.dtype != dt or not h.is_cpu
-                    or h.shape != ((LD, B, width) if batched else (LD, width))):
-                return None
-            record = record or grad and h.requires_grad
-    key = (m.backend, env("FUSEDRNN_BACKEND"), dt, m.mode, m.proj_size > 0, GENERATION[0], AUTO_ORDER.get("cpu"))
-    backend = _RESOLVED.get(key)
-    if backend is None:
-        if len(_RESOLVED) > 64:
-            _RESOLVED.clear()
-        try:
-            backend = _RESOLVED[key] = resolve(m.backend, input.device, dt, _MODES[m.mode], m.proj_size > 0)
-        except RuntimeError:  # (the general path raises it)
-            return None
-    if (backend != "cpu" or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.maybe_current_level() is not None or debug.nan_fill_enabled() or in_export()
-            or forward_ad_active()):
-        return None
-    if hx is None:
-        h0 = torch.zeros(LD, B, P, dtype=dt)
-        c0 = torch.zeros(LD, B, H, dtype=dt) if lstm else None
-    elif not batched:
-        h0 = h0.unsqueeze(1)
-        c0 = c0.unsqueeze(1) if lstm else None
-    if record and T == 1 and m.num_layers == 1 and D == 1 and m.proj_size == 0:  # the cell op; x [B, I]
-        x = input if not batched else input[:, 0] if m.batch_first else input[0]
-        op = _CPU_CELL[0] if _CPU_CELL else _cpu_cell()
-        h, c, _ = op(_MODES[m.mode], x, h0[0], c0[0] if lstm else None, flat, m.bias, True)
-        y = h if not batched else h.unsqueeze(1 if m.batch_first else 0)
-        hy = h.clone().unsqueeze(0)  # (not a second view of y: torch.nn's outputs share no memory)
-        if not batched:
-            hy = hy.squeeze(1)
-        cy = (c.unsqueeze(0) if batched else c) if lstm else None
-        return (y, (hy, cy)) if lstm else (y, hy)
-    x = input if batched else input.unsqueeze(1)
-    if m.batch_first and batched:
-        x = x.transpose(0, 1)
-    x = x.reshape(T * B, m.input_size)
-    mode, steps, bias = _MODES[m.mode], _steps(B, T), m.bias
-    if record:  # the general path's autograd.Function, called as it would call it (ops.layer)
-        def op(mode, x, steps, h, c, ws, bias, D, _train):
-            return _EagerLayer.apply(mode, x, steps, h, c, bias, D, True, "cpu", *ws)
-    else:
-        op = _CPU_LAYER[0] if _CPU_LAYER else _cpu_layer()
-    if m.num_layers == 1:
-        y, hy, cy, _ = op(mode, x, steps, h0, c0, flat, bias, D, False)
-    else:
-        n = len(flat) // m.num_layers
-        hys, cys = [], []
-        for layer in range(m.num_layers):
-            sl = slice(layer * D, (layer + 1) * D)
-            x, hy, cy, _ = op(mode, x, steps, h0[sl], c0[sl] if lstm else None, flat[layer * n:(layer + 1) * n],
-                              bias, D, False)
-            hys.append(hy)
-            cys.append(cy)
-        y, hy, cy = x, torch.cat(hys), (torch.cat(cys) if lstm else None)
-    y = y.view(T, B, y.shape[-1])
-    if not batched:
-        y, hy = y.squeeze(1), hy.squeeze(1)
-        cy = cy.squeeze(1) if lstm else None
-    elif m.batch_first:
-        y = y.transpose(0, 1)
-    return (y, (hy, cy)) if lstm else (y, hy)
-
-
-# resolve()'s answers for CPU cells and sequences, keyed by what they depend on (the registry by its generation).
-_RESOLVED: dict = {}
-_CPU_CELL = []
-_CPU_LAYER = []
-
-
-def _cpu_layer():
-    if not _CPU_LAYER:
-        _CPU_LAYER.append(torch.ops.fusedrnn.cpu_rnn_forward.default)
-    return _CPU_LAYER[0]
-
-
-def _cpu_cell():
-    if not _CPU_CELL:
-        _CPU_CELL.append(torch.ops.fusedrnn.cpu_cell.default)
-    return _CPU_CELL[0]
-
-
 _CELL_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-# batch_sizes [T] of T steps of B rows (a cell's one step: T = 1), per (B, T) (eager only; up to _STEPS_MAX_T steps,
-# so the cache holds at most 2 MiB): torch.full was about 1 us of a cell step's fixed cost, and several in a cold
-# cache. The tensors never leave the modules (the ops only read them). Under torch.jit.trace sizes are tensors, so a
-# trace records torch.full, not a constant.
-_STEPS: dict[tuple[int, int], Tensor] = {}
-_STEPS_MAX_T = 1024
-
-
-def _steps(B, T=1) -> Tensor:
-    # (never cached from inference mode: an inference tensor cannot be saved for a later training call's backward)
-    if (torch.compiler.is_compiling() or not isinstance(B, int) or not isinstance(T, int) or T > _STEPS_MAX_T
-            or torch.is_inference_mode_enabled()):
-        return torch.full((T,), B, dtype=torch.int64)
-    t = _STEPS.get((B, T))
-    if t is None:
-        if len(_STEPS) >= 256:
-            _STEPS.clear()
-        t = _STEPS[(B, T)] = torch.full((T,), B, dtype=torch.int64)
-    return t
 
 
 class LSTMCell(_FusedCellBase):

@@ -120,6 +120,10 @@ def check_2x_rule(kind, kw, I, H, T, B, lengths, dtype, device, backend, layers=
     assert_low_precision(g, g_lp, g64, f"{kind} {dtype} grads")
 
 
+# The backward ops' output masks (grad_x, state grads, weight grads) short of all three.
+MASKS = [(x, s, w) for x in (True, False) for s in (True, False) for w in (True, False) if not (x and s and w)]
+
+
 def assert_masked_grads(masked, full, mask, lstm):
     """A backward run with output_mask `mask` (x, the states, the weights) against the same backward run in full,
     both (grad_x, grad_hx, grad_cx, grad_weights): each gradient asked for is bitwise the full one (skipping the

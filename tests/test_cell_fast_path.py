@@ -1,4 +1,4 @@
-"""The cell modules' fast path (fusedrnn.modules._cpu_cell_step): when a CPU cell step may run as the cpu_cell op."""
+"""The cell modules' fast path (fusedrnn.fast_path._cpu_cell_step): when a CPU cell step may run as the cpu_cell op."""
 import pytest
 import torch
 

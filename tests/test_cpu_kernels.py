@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fusedrnn.backends import GATES, get_backend
-from helpers import assert_masked_grads
+from helpers import MASKS, assert_masked_grads
 
 cpu = pytest.importorskip("fusedrnn.cpu")
 pytestmark = pytest.mark.skipif(cpu._C is None, reason="fusedrnn._C is not built")
@@ -417,9 +417,6 @@ def test_opcheck(mode, proj, dtype):
         torch.library.opcheck(torch.ops.fusedrnn.cpu_rnn_backward.default, (*bwd_args, mask))
 
 
-MASKS = [(x, s, w) for x in (True, False) for s in (True, False) for w in (True, False) if not (x and s and w)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("loop", ["persistent", "gemm"])
 @pytest.mark.parametrize("mode,case", [("lstm", (2, 6, [9, 8, 8, 5, 3, 1], 0)), ("lstm", (1, 4, None, 3)),
@@ -442,115 +439,6 @@ def test_backward_output_mask(mode, case, loop, dtype, monkeypatch):
     full = torch.ops.fusedrnn.cpu_rnn_backward(*bwd, [True, True, True])
     for mask in MASKS:
         assert_masked_grads(torch.ops.fusedrnn.cpu_rnn_backward(*bwd, list(mask)), full, mask, mode == "lstm")
-
-
-CELL_MODULES = {"lstm": "LSTMCell", "gru": "GRUCell", "rnn_tanh": "RNNCell", "rnn_relu": "RNNCell"}
-
-
-def _cell_case(mode, bias, dtype, B=3, I=4, H=5):
-    g = torch.Generator().manual_seed(3)
-    G = GATES[mode]
-    shapes = [(G * H, I), (G * H, H)] + ([(G * H,), (G * H,)] if bias else [])
-    ws = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
-    x, h = (torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for n in (I, H))
-    c = torch.randn(B, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if mode == "lstm" else None
-    return x, h, c, ws
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_cell_op_gradients(mode, bias):
-    """fusedrnn::cpu_cell (one cell step, its autograd a C++ Function): first and second derivatives by finite
-    differences in float64, every input; opcheck (schema, fake, autograd registration, AOT dispatch)."""
-    x, h, c, ws = _cell_case(mode, bias, torch.float64)
-    n = len(ws)
-
-    def f(x, h, c, *ws):
-        hn, cn, _ = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, list(ws), bias, False)
-        return (hn, cn) if mode == "lstm" else hn
-
-    args = (x, h, c, *ws)
-    assert torch.autograd.gradcheck(f, args)
-    assert torch.autograd.gradgradcheck(f, args)
-    assert n == (4 if bias else 2)
-    torch.library.opcheck(torch.ops.fusedrnn.cpu_cell.default, (mode, x, h, c, ws, bias, False))
-    # (the backward op runs with grad mode off, as the Function's backward calls it: on detached tensors)
-    x, h, c = (t.detach() if t is not None else None for t in (x, h, c))
-    ws = [w.detach() for w in ws]
-    hn, _, reserve = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, True)
-    gc = torch.randn_like(c) if mode == "lstm" else x.new_empty(0)
-    bwd = (mode, torch.randn_like(hn), gc, x, h, c, ws, bias, hn, reserve)
-    full = torch.ops.fusedrnn.cpu_cell_backward(*bwd, [True, True, True])
-    for mask in [[True, True, True], *map(list, MASKS)]:
-        torch.library.opcheck(torch.ops.fusedrnn.cpu_cell_backward.default, (*bwd, mask))
-        assert_masked_grads(torch.ops.fusedrnn.cpu_cell_backward(*bwd, mask), full, mask, mode == "lstm")
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("needs", ["x", "hx", "weights", "x+weights", "hx+weights"])
-def test_cell_backward_asks_only_for_what_needs_a_gradient(mode, needs):
-    """A cell step whose x, state or weights need no gradient (a decoder's first step from a zero state, an input
-    without grad, a frozen cell): the gradients that do are torch.nn's (float64), the others stay None; the C++
-    Function asks the backward op for those only (the op's empty [0] never reaches a .grad)."""
-    import fusedrnn
-    kw = {"nonlinearity": "relu"} if mode == "rnn_relu" else {}
-    ref = getattr(torch.nn, CELL_MODULES[mode])(4, 5, **kw).double()
-    ours = getattr(fusedrnn, CELL_MODULES[mode])(4, 5, **kw).double()
-    ours.load_state_dict(ref.state_dict())
-    x, h, c, _ = _cell_case(mode, True, torch.float64)
-    grads = {}
-    for name, m in (("torch", ref), ("ours", ours)):
-        m.requires_grad_("weights" in needs)
-        xi = x.detach().requires_grad_("x" in needs.split("+"))
-        hi = h.detach().requires_grad_("hx" in needs)
-        ci = c.detach().requires_grad_("hx" in needs) if c is not None else None
-        out = m(xi, (hi, ci) if mode == "lstm" else hi)
-        loss = (out[0] * 2 + out[1]).sum() if mode == "lstm" else out.sum()
-        loss.backward()
-        grads[name] = [t.grad for t in (xi, hi, ci) if t is not None] + [p.grad for p in m.parameters()]
-    for a, b in zip(grads["ours"], grads["torch"]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
-def test_cell_module_takes_the_cell_op(mode, dtype, grad):
-    """A CPU cell step in plain eager mode runs as cpu_cell (its graph node is the C++ Function), with the layer
-    op's results: outputs and every gradient equal to the layer path's (the same kernels), loss on h alone and on
-    h and c."""
-    import fusedrnn
-    import fusedrnn.modules as fm
-    kw = {"nonlinearity": "relu"} if mode == "rnn_relu" else {}
-    cell = getattr(fusedrnn, CELL_MODULES[mode])(4, 5, **kw).to(dtype)
-    x, h, c, _ = _cell_case(mode, True, dtype)
-    hx = (h, c) if mode == "lstm" else h
-    results = []
-    for fast in (True, False):
-        if not fast:
-            fm._cpu_cell_step, saved = (lambda *a: False), fm._cpu_cell_step
-            fm._cell_op_applies, saved2 = (lambda *a: False), fm._cell_op_applies
-        try:
-            with torch.set_grad_enabled(grad):
-                out = cell(x, hx)
-        finally:
-            if not fast:
-                fm._cpu_cell_step, fm._cell_op_applies = saved, saved2
-        outs = out if isinstance(out, tuple) else (out,)
-        if grad:
-            node = outs[0].grad_fn.name()
-            assert ("CellFunction" in node) == fast, node
-            loss = sum((o.float() * (k + 1)).sum() for k, o in enumerate(outs))
-            results.append([*outs, *torch.autograd.grad(loss, [x, h] + ([c] if c is not None else [])
-                                                        + list(cell.parameters()))])
-        else:
-            assert outs[0].grad_fn is None
-            results.append(list(outs))
-    for got, want in zip(*results):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_gil_released():

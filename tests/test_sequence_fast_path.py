@@ -1,4 +1,4 @@
-"""The sequence modules' fast path (fusedrnn.modules._cpu_sequence): when a forward calls the cpu layer op (or, one
+"""The sequence modules' fast path (fusedrnn.fast_path._cpu_sequence): when a forward calls the cpu layer op (or, one
 training step, the cell op) straight away, and that what it returns is what the general path and torch.nn return;
 and what every path must get right around them (a training call after an inference-mode one, forward-mode AD)."""
 import pytest
@@ -208,8 +208,9 @@ def _fallback_cases():
         return torch.jit.trace(m, (x,), check_trace=False)(x)
 
     return {"packed": packed, "dropout_training": dropout_training, "parametrized": parametrized,
-            "weight_replaced": weight_replaced, "subclass_property": subclass_property, "reference_backend": reference_backend, "env_backend": env_backend,
-            "debug_nan": debug_nan, "dispatch_mode": in_mode(PassDispatchMode), "function_mode": in_mode(PassFunctionMode),
+            "weight_replaced": weight_replaced, "subclass_property": subclass_property,
+            "reference_backend": reference_backend, "env_backend": env_backend, "debug_nan": debug_nan,
+            "dispatch_mode": in_mode(PassDispatchMode), "function_mode": in_mode(PassFunctionMode),
             "autocast": autocast, "hx_list": hx_list, "jit_trace": traced}
 
 
