@@ -14,6 +14,7 @@ from .backends import AUTO_ORDER, GENERATION, resolve
 from .onnx import in_export
 from .ops import _PLAIN, _EagerLayer, _plain_eager, forward_ad_active
 
+_CPU = torch.device("cpu")
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
@@ -42,15 +43,7 @@ def _cpu_cell_step(cell, mode: str, input: Tensor, hx, weights) -> bool:
     for w in weights:
         if type(w) not in _PLAIN or w.dtype != dt or not w.is_cpu:
             return False
-    key = (cell.backend, env("FUSEDRNN_BACKEND"), dt, mode, GENERATION[0], AUTO_ORDER.get("cpu"))
-    backend = _RESOLVED.get(key)
-    if backend is None:
-        if len(_RESOLVED) > 64:
-            _RESOLVED.clear()
-        try:
-            backend = _RESOLVED[key] = resolve(cell.backend, input.device, dt, mode, False)
-        except RuntimeError:  # (_cell_general raises it)
-            return False
+    backend = _cpu_backend(cell.backend, dt, mode, False)
     # _cell_op_applies() (the tensors' types are checked above), its calls inlined: a decoder loop pays each Python
     # call level at every step (torch.jit.is_scripting is left out: the modules refuse scripting).
     return (backend == "cpu" and not torch.compiler.is_compiling() and not torch._C._is_tracing()
@@ -118,15 +111,7 @@ def _cpu_sequence(m, input: Tensor, hx):
                     or h.shape != ((LD, B, width) if batched else (LD, width))):
                 return None
             record = record or grad and h.requires_grad
-    key = (m.backend, env("FUSEDRNN_BACKEND"), dt, m.mode, m.proj_size > 0, GENERATION[0], AUTO_ORDER.get("cpu"))
-    backend = _RESOLVED.get(key)
-    if backend is None:
-        if len(_RESOLVED) > 64:
-            _RESOLVED.clear()
-        try:
-            backend = _RESOLVED[key] = resolve(m.backend, input.device, dt, _MODES[m.mode], m.proj_size > 0)
-        except RuntimeError:  # (the general path raises it)
-            return None
+    backend = _cpu_backend(m.backend, dt, _MODES[m.mode], m.proj_size > 0)
     if (backend != "cpu" or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._functorch.maybe_current_level() is not None or debug.nan_fill_enabled() or in_export()
             or forward_ad_active()):
@@ -180,6 +165,21 @@ def _cpu_sequence(m, input: Tensor, hx):
 
 # resolve()'s answers for CPU cells and sequences, keyed by what they depend on (the registry by its generation).
 _RESOLVED: dict = {}
+
+
+def _cpu_backend(requested: str, dtype, mode: str, has_proj: bool):
+    """resolve()'s answer for a CPU input, remembered by what it depends on; None where resolve() raises (the
+    general path raises it again, with its message)."""
+    key = (requested, env("FUSEDRNN_BACKEND"), dtype, mode, has_proj, GENERATION[0], AUTO_ORDER.get("cpu"))
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        if len(_RESOLVED) > 64:
+            _RESOLVED.clear()
+        try:
+            backend = _RESOLVED[key] = resolve(requested, _CPU, dtype, mode, has_proj)
+        except RuntimeError:
+            return None
+    return backend
 _CPU_CELL = []
 _CPU_LAYER = []
 
