@@ -205,9 +205,10 @@ _STEPS_MAX_T = 1024
 
 
 def _steps(B, T=1) -> Tensor:
-    # (never cached from inference mode: an inference tensor cannot be saved for a later training call's backward)
+    # (never cached from inference mode: an inference tensor cannot be saved for a later training call's backward;
+    # nor inside a functorch transform, whose jvp makes even a new tensor its wrapper, dead once the transform ends)
     if (torch.compiler.is_compiling() or not isinstance(B, int) or not isinstance(T, int) or T > _STEPS_MAX_T
-            or torch.is_inference_mode_enabled()):
+            or torch.is_inference_mode_enabled() or torch._C._functorch.maybe_current_level() is not None):
         return torch.full((T,), B, dtype=torch.int64)
     t = _STEPS.get((B, T))
     if t is None:
