@@ -112,6 +112,84 @@ def _rnn_layer_backward_fake(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx,
     return masked_grads_fake(mode, x, hx, cx, weights, (True, True, True) if output_mask is None else output_mask)
 
 
+# ---------------------------------------------------------------------------------------------------- vmap
+# torch.vmap and the torch.func transforms built on it (jacrev, per-sample gradients as vmap(grad(...)), model
+# ensembles over stacked weights) reach the layer through these rules: the layer runs once per vmapped entry and the
+# results are stacked, as functorch's own fallback does for an op without a batching rule (torch.nn's layers get
+# that fallback where it can be generated: per-sample gradients of nn.LSTM, jacrev of any of them). The entries are
+# independent sequences, so each call is the exact unbatched result, on whatever backend the layer names.
+
+def _entry(arg, dim, i):
+    if dim is None:
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return [_entry(a, d, i) for a, d in zip(arg, dim)]
+    return arg.select(dim, i) if i is not None else arg.new_zeros(arg.shape[:dim] + arg.shape[dim + 1:])
+
+
+def _stack(parts):
+    if isinstance(parts[0], (list, tuple)):
+        return [_stack(list(p)) for p in zip(*parts)]
+    return torch.stack(parts)
+
+
+def _zero_dims(out):
+    return [_zero_dims(o) for o in out] if isinstance(out, (list, tuple)) else 0
+
+
+def _per_entry(op, fake, info, in_dims, args):
+    """vmap rule for op: (results stacked along dim 0, their out_dims). An empty vmapped dimension gives empty
+    results shaped by fake (the op's fake function) on one zero entry."""
+    if info.batch_size == 0:
+        out = _stack([fake(*[_entry(a, d, None) for a, d in zip(args, in_dims)])])
+        out = [o[:0] if isinstance(o, Tensor) else [t[:0] for t in o] for o in out]
+    else:
+        out = _stack([op(*[_entry(a, d, i) for a, d in zip(args, in_dims)]) for i in range(info.batch_size)])
+    return tuple(out), tuple(_zero_dims(out))
+
+
+@torch.library.register_vmap("fusedrnn::rnn_layer")
+def _rnn_layer_vmap(info, in_dims, *args):
+    return _per_entry(torch.ops.fusedrnn.rnn_layer, _rnn_layer_fake, info, in_dims, args)
+
+
+@torch.library.register_vmap("fusedrnn::rnn_layer_backward")
+def _rnn_layer_backward_vmap(info, in_dims, *args, **kwargs):
+    args = args + tuple(kwargs.values())
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    return _per_entry(torch.ops.fusedrnn.rnn_layer_backward, _rnn_layer_backward_fake, info, in_dims, args)
+
+
+def _vmapped(t) -> bool:
+    """Whether t is vmapped: a functorch BatchedTensor, possibly inside other transforms' wrappers (a grad
+    transform's inside vmap, as in per-sample gradients)."""
+    F = torch._C._functorch
+    while t is not None and F.is_functorch_wrapped_tensor(t):
+        if F.is_batchedtensor(t):
+            return True
+        t = F.get_unwrapped(t)
+    return False
+
+
+def _batched(tensors) -> bool:
+    return any(_vmapped(t) for t in tensors)
+
+
+def _func_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend):
+    """_layer_forward under a functorch transform: through the op (and its vmap rule) where a tensor is vmapped."""
+    body = rnn_layer if _batched((x, batch_sizes, hx, cx, *weights)) else _layer_forward
+    return body(mode, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, train, backend)
+
+
+def _func_backward(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, weights, has_biases, num_directions, y,
+                   reserve, backend, output_mask=None):
+    """_layer_backward under a functorch transform (as _func_forward)."""
+    vmapped = _batched((grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, *weights, y, reserve))
+    body = rnn_layer_backward if vmapped else _layer_backward
+    return body(mode, grad_y, grad_hy, grad_cy, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, y,
+                reserve, backend, None if output_mask is None else list(output_mask))
+
+
 def _setup_context(ctx, inputs, output):
     mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend = inputs
     y, _, _, reserve = output
@@ -229,12 +307,14 @@ class _FuncLayer(_EagerLayer):
     """_EagerLayer under functorch transforms (torch.func.grad, vjp over functional_call, as for torch.nn.LSTM):
     forward and setup_context apart, the only form torch.func takes. The custom op cannot serve them in torch
     2.11-2.13: the autograd.Function that register_autograd generates lacks setup_context, and torch.func refuses it
-    (pytorch/pytorch#170834). Plain eager autograd keeps _EagerLayer: this form's apply costs 15-25 us more a call."""
+    (pytorch/pytorch#170834). Plain eager autograd keeps _EagerLayer: this form's apply costs 15-25 us more a call.
+    Under vmap, functorch runs forward and backward with vmapped tensors (generate_vmap_rule), which go through the
+    ops' vmap rules (_func_forward, _func_backward)."""
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights):
-        return _layer_forward(mode, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, train,
-                              backend)
+        return _func_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -249,8 +329,8 @@ class _FuncLayer(_EagerLayer):
         always asks): _graph_grads cannot serve here, the saved inputs are the transform's wrappers, and autograd
         inside its backward found no path to them (zero gradients)."""
         with torch.no_grad():
-            _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
-                                                    _layer_backward, _eager_mask(ctx))
+            _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _func_forward,
+                                                    _func_backward, _eager_mask(ctx))
         if torch.is_grad_enabled():
             gx, ghx, gcx, *gws = _NoDoubleBackward.apply(3 + len(gws), gx, ghx, gcx, *gws, *ctx.saved_tensors)
         return (None, gx, None, ghx, gcx, None, None, None, None, *gws)
@@ -259,6 +339,7 @@ class _FuncLayer(_EagerLayer):
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on the layer's gradients whose own backward raises (_FuncLayer): gradients without a graph would
     make a nested transform silently miss that term."""
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(n, *tensors):
@@ -292,6 +373,13 @@ def forward_ad_active() -> bool:
     return _fwad._current_level >= 0
 
 
+def _nested_grad() -> bool:
+    """Whether two or more functorch grad transforms are active (torch.func.grad of grad, jacrev of jacrev)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return sum(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()) > 1
+
+
 def _has_tangent(tensors) -> bool:
     return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
 
@@ -302,12 +390,20 @@ def layer(mode: str, x: Tensor, batch_sizes: Tensor, hx: Tensor, cx: Optional[Te
     but eager autograd is running (see above). Forward-mode AD (torch.autograd.forward_ad: an input, a state or a
     weight carrying a tangent) runs the reference's PyTorch ops instead, whatever the backend: no kernel has a
     forward derivative, and the reference's ops carry the tangents (and record autograd's graph where one is asked
-    for), as torch.nn's layers do. Without this the kernels returned outputs with no tangent, silently."""
-    if forward_ad_active() and _has_tangent((x, hx, cx, *weights)):
+    for), as torch.nn's layers do. Without this the kernels returned outputs with no tangent, silently. So do
+    functorch transforms that differentiate it forward (jvp, jacfwd, hessian) or twice (grad of grad): functorch
+    composes the ops' derivatives to any order, the kernels' backward only once. vmap and one grad (per-sample
+    gradients, jacrev, ensembles) keep the kernels: the ops' vmap rules above."""
+    functorch = torch._C._functorch.maybe_current_level() is not None
+    if (forward_ad_active() and (functorch or _has_tangent((x, hx, cx, *weights)))) or \
+            (functorch and _nested_grad()):
         from .reference import forward as reference_forward
         return reference_forward(mode, x, batch_sizes, hx, cx, list(weights), has_biases, num_directions, False)
     if _plain_eager((x, batch_sizes, hx, cx, *weights)):
         if not torch.is_grad_enabled():  # no graph to record (no_grad, inference_mode): the body alone
+            if torch._C._functorch.maybe_current_level() is not None:  # (vmap under no_grad)
+                return _func_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train,
+                                     backend)
             return _layer_forward(mode, x, batch_sizes, hx, cx, weights, has_biases, num_directions, train, backend)
         fn = _EagerLayer if torch._C._functorch.maybe_current_level() is None else _FuncLayer
         return fn.apply(mode, x, batch_sizes, hx, cx, has_biases, num_directions, train, backend, *weights)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
-from conftest import assert_low_precision, conformance_backends, rel_err
+from conftest import assert_low_precision, rel_err
 from helpers import NN_CLASS, flatten_out, make_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -481,44 +481,6 @@ def test_onnx_export_runs_in_onnxruntime_like_eager():
         assert len(outs) == len(eager)
         for o, e in zip(outs, eager):
             torch.testing.assert_close(torch.from_numpy(o), e, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", list(NN_CLASS))
-@pytest.mark.parametrize("backend", conformance_backends())
-def test_torch_func_grad_and_vjp_match_torch_nn(kind, backend):
-    """torch.func over functional_call, as meta-learning code (MAML) does with torch.nn.LSTM: grad in the
-    parameters and the input, and vjp, agree with torch.nn's. (The custom op's generated autograd.Function is refused
-    by torch.func in torch 2.11-2.13, pytorch/pytorch#170834; the modules' eager Function takes its place.) What
-    needs batched or second derivatives (vmap, jacrev, hessian) raises a RuntimeError rather than return something
-    wrong (docs/ecosystem.md)."""
-    ref, ours = make_pair(kind, 5, 6, backend=backend)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, generator=g, dtype=torch.float64) if kind.endswith("Cell") else \
-        torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
-    params = {k: v.detach() * 1.5 for k, v in ref.named_parameters()}
-
-    def loss(module):
-        return lambda p, z: sum((o * o.cos()).sum() for o in flatten_out(torch.func.functional_call(module, p, (z,))))
-
-    want, got = (torch.func.grad(loss(m), argnums=(0, 1))(params, x) for m in (ref, ours))
-    assert set(got[0]) == set(want[0])
-    for k in want[0]:
-        torch.testing.assert_close(got[0][k], want[0][k], rtol=1e-9, atol=1e-10, msg=k)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-10)
-
-    def first(module):
-        return lambda z: flatten_out(torch.func.functional_call(module, params, (z,)))[0]
-
-    (yr, vjp_r), (yo, vjp_o) = torch.func.vjp(first(ref), x), torch.func.vjp(first(ours), x)
-    torch.testing.assert_close(yo, yr, rtol=1e-9, atol=1e-10)
-    cot = torch.randn(yr.shape, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(vjp_o(cot)[0], vjp_r(cot)[0], rtol=1e-9, atol=1e-10)
-    with pytest.raises(RuntimeError):
-        torch.func.vmap(first(ours))(x.unsqueeze(0).expand(3, *x.shape))
-    with pytest.raises(RuntimeError):
-        torch.func.jacrev(first(ours))(x)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.func.grad(lambda z: torch.func.grad(lambda w: first(ours)(w).sum())(z).sum())(x)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

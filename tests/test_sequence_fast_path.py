@@ -230,8 +230,8 @@ def test_general_path_runs_where_the_fast_path_does_not_apply(case, general_call
 
 
 def test_fast_path_declines_under_functorch_transforms():
-    """Inside a functorch transform (vmap here; the layer op has no batching rule, so the module itself cannot run
-    there) _cpu_sequence says no before computing anything."""
+    """Inside a functorch transform (vmap here; the module goes through the layer op's vmap rule) _cpu_sequence
+    says no before computing anything."""
     _, ours = make_pair("GRU", I, H)
     seen = []
 
