@@ -97,8 +97,10 @@ static PyObject* empty_cache(PyObject*, PyObject*) {
 
 static PyObject* cache_info(PyObject*, PyObject*) {
   const auto [bytes, blocks] = fusedrnn::cpu::block_cache_idle();
-  return Py_BuildValue("(LLL)", static_cast<long long>(bytes), static_cast<long long>(blocks),
-                       static_cast<long long>(fusedrnn::cpu::block_cache_limit()));
+  const auto [min_bytes, max_blocks] = fusedrnn::cpu::block_cache_bounds();
+  return Py_BuildValue("(LLLLL)", static_cast<long long>(bytes), static_cast<long long>(blocks),
+                       static_cast<long long>(fusedrnn::cpu::block_cache_limit()), static_cast<long long>(min_bytes),
+                       static_cast<long long>(max_blocks));
 }
 
 static PyObject* read_bandwidth(PyObject*, PyObject* arg) {
@@ -128,9 +130,10 @@ static PyMethodDef kMethods[] = {
     {"loop_threads", loop_threads, METH_NOARGS,
      "Threads the small-batch loops split into now: torch's intra-op threads, at most the CPUs usable."},
     {"empty_cache", empty_cache, METH_NOARGS,
-     "Frees the idle blocks of the large-buffer cache; returns their bytes."},
+     "Frees the idle blocks of the block cache; returns their bytes."},
     {"cache_info", cache_info, METH_NOARGS,
-     "(idle bytes, idle blocks, most idle bytes kept) of the large-buffer cache."},
+     "(idle bytes, idle blocks, most idle bytes kept, least bytes of a block served, most idle blocks kept) of "
+     "the block cache."},
     {"read_bandwidth", read_bandwidth, METH_O,
      "read_bandwidth(bytes_per_thread): GB/s the small-batch loops' threads read together, each its own buffer of "
      "that size, from wherever it stays between passes (the benchmark's probe for the ceiling)."},

@@ -60,19 +60,21 @@ def loop_threads() -> int:
 
 
 def empty_cache() -> int:
-    """Frees the idle blocks of the cpu backend's cache of large buffers and returns their bytes (0 when the
-    extension is not built). A layer's buffers of 32 MiB or more (the training forward's reserve, y, the backward's
-    grad_x) come from that cache and go back to it when freed, so that a training loop reuses them instead of
-    having the kernel map and zero fresh pages at every step; it keeps at most 8 idle blocks and an eighth of the
-    machine's memory (2 GiB at most). FUSEDRNN_CPU_CACHE=0 bypasses it."""
+    """Frees the idle blocks of the cpu backend's block cache and returns their bytes (0 when the extension is not
+    built). A layer's buffers of 64 KiB or more (the training forward's reserve and y, the backward's weight
+    gradients and grad_x, the loops' workspaces) come from that cache and go back to it when freed, so that a
+    training loop reuses them instead of having the kernel map and zero fresh pages at every step; it keeps at most
+    64 idle blocks and an eighth of the machine's memory (2 GiB at most). FUSEDRNN_CPU_CACHE=0 bypasses it."""
     return int(_C.empty_cache()) if _C is not None else 0
 
 
 def cache_info() -> dict:
-    """{'idle_bytes', 'idle_blocks', 'limit_bytes'} of the cpu backend's cache of large buffers (see empty_cache):
-    what it holds now, and the most idle bytes it keeps."""
-    b, n, lim = _C.cache_info() if _C is not None else (0, 0, 0)
-    return {"idle_bytes": int(b), "idle_blocks": int(n), "limit_bytes": int(lim)}
+    """{'idle_bytes', 'idle_blocks', 'limit_bytes', 'min_block_bytes', 'max_idle_blocks'} of the cpu backend's
+    block cache (see empty_cache): what it holds now, the most idle bytes it keeps, the least bytes of a buffer it
+    serves and the most idle blocks it keeps."""
+    b, n, lim, least, most = _C.cache_info() if _C is not None else (0, 0, 0, 0, 0)
+    return {"idle_bytes": int(b), "idle_blocks": int(n), "limit_bytes": int(lim), "min_block_bytes": int(least),
+            "max_idle_blocks": int(most)}
 
 
 def read_bandwidth(bytes_per_thread: int) -> Optional[float]:

@@ -1,7 +1,8 @@
-"""The cpu backend's cache of large buffers (csrc/cpu/block_cache.h): a layer's buffers of 32 MiB or more (the
-training forward's reserve, y, the backward's grad_x) come from it and go back to it when freed, so a training loop
-reuses them instead of mapping and zeroing fresh pages every step. Results are bitwise those without it, a block is
-reused, the cache stays bounded and can be emptied, FUSEDRNN_CPU_CACHE=0 bypasses it, the tensors are ordinary
+"""The cpu backend's block cache (csrc/cpu/block_cache.h): a layer's buffers of 64 KiB or more (the training
+forward's reserve and y, the backward's weight gradients and grad_x, the loops' workspaces) come from it and go back
+to it when freed, so a training loop reuses them instead of mapping and zeroing fresh pages every step. Results are
+bitwise those without it, a block is reused (a reserve, weight gradients freed by zero_grad), small buffers bypass
+it, the cache stays bounded and can be emptied, FUSEDRNN_CPU_CACHE=0 bypasses it, the tensors are ordinary
 (resizable) ones, the profiler sees the blocks while they are in use, and the debug mode on a reused block gives
 the plain mode's results."""
 import pytest
@@ -13,7 +14,7 @@ from fusedrnn.bench import metrics
 pytestmark = pytest.mark.skipif("cpu" not in fusedrnn.available_backends(), reason="the cpu backend is not built")
 
 MIB = 1 << 20
-# LSTM T500 B32 H128 float32: reserve [1, 16000, 640] = 41 MB (cached); y and grad_x 8 MB (not)
+# LSTM T500 B32 H128 float32: reserve [1, 16000, 640] = 41 MB; y and grad_x 8 MB
 T, B, H = 500, 32, 128
 
 
@@ -25,7 +26,7 @@ def cache():
     cpu.empty_cache()
 
 
-def _forward(train=True, dtype=torch.float32, seed=0):
+def _forward(train=True, dtype=torch.float32, seed=0, T=T, B=B, H=H):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T * B, H, generator=g, dtype=dtype)
     w = [torch.randn(4 * H, H, generator=g, dtype=dtype) * 0.1 for _ in range(2)]
@@ -44,7 +45,8 @@ def _train_step(m, x):
     return out
 
 
-def test_results_bitwise_the_same_with_and_without_the_cache(cache, monkeypatch):
+@pytest.mark.parametrize("T,B,H", [(T, B, H), (100, 1, 256)])  # (1 MiB weight gradients)
+def test_results_bitwise_the_same_with_and_without_the_cache(cache, monkeypatch, T, B, H):
     torch.manual_seed(0)
     m = fusedrnn.LSTM(H, H, backend="cpu")
     x = torch.randn(T, B, H)
@@ -58,34 +60,67 @@ def test_results_bitwise_the_same_with_and_without_the_cache(cache, monkeypatch)
 
 def test_a_freed_reserve_is_the_next_ones_block(cache):
     reserve = _forward()[3]
-    assert reserve.numel() * 4 >= 32 * MIB
     ptr, nbytes = reserve.data_ptr(), reserve.numel() * 4
-    assert cache.cache_info()["idle_blocks"] == 0
+    before = cache.cache_info()  # (the call's workspaces and the dropped y are back already)
     del reserve
     info = cache.cache_info()
-    assert info["idle_blocks"] == 1 and info["idle_bytes"] == nbytes
+    assert info["idle_blocks"] == before["idle_blocks"] + 1 and info["idle_bytes"] == before["idle_bytes"] + nbytes
     again = _forward(seed=1)[3]
-    assert again.data_ptr() == ptr and cache.cache_info()["idle_blocks"] == 0
+    assert again.data_ptr() == ptr
     del again
-    assert cache.empty_cache() == nbytes
+    assert cache.empty_cache() >= nbytes
     assert cache.cache_info()["idle_bytes"] == 0 and cache.cache_info()["idle_blocks"] == 0
 
 
-def test_inference_and_small_buffers_bypass_it(cache):
-    y = _forward(train=False)[0]  # y 8 MB: under the cache's 32 MiB
-    del y
-    fusedrnn.LSTM(8, 8, backend="cpu")(torch.randn(5, 2, 8))[0].sum().backward()
+def test_freed_weight_gradients_are_the_next_steps_blocks(cache):
+    """A training loop's zero_grad(set_to_none=True) frees the weight gradients (1 MiB each here): they go back to
+    the cache, and the next backward takes its gradients from it (the cache holds as much after each step: no
+    block more) rather than from fresh pages."""
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(256, 256, backend="cpu")
+    x = torch.randn(20, 1, 256)
+    assert sum(p.numel() * 4 >= cache.cache_info()["min_block_bytes"] for p in m.parameters()) == 2
+    after = []
+    for _ in range(3):
+        m(x)[0].sum().backward()
+        held = cache.cache_info()
+        m.zero_grad(set_to_none=True)
+        now = cache.cache_info()
+        assert now["idle_blocks"] == held["idle_blocks"] + 2 and now["idle_bytes"] >= held["idle_bytes"] + (2 << 20)
+        after.append((now["idle_blocks"], now["idle_bytes"]))
+    assert after[0] == after[1] == after[2]
+
+
+def test_small_buffers_bypass_it(cache):
+    fusedrnn.LSTM(8, 8, backend="cpu")(torch.randn(5, 2, 8))[0].sum().backward()  # every buffer under 64 KiB
     assert cache.cache_info()["idle_blocks"] == 0
 
 
-def test_bounded_to_eight_idle_blocks(cache):
-    reserves = [_forward(seed=s)[3] for s in range(10)]  # ten blocks in use at once
-    assert len({r.data_ptr() for r in reserves}) == 10
+def test_bounded_in_blocks(cache):
+    info = cache.cache_info()
+    most = info["max_idle_blocks"]
+    small = dict(T=20, B=4, H=64)  # reserve [1, 80, 320] float32: 100 KiB
+    nbytes = 20 * 4 * 5 * 64 * 4
+    assert nbytes >= info["min_block_bytes"]
+    reserves = [_forward(seed=s, **small)[3] for s in range(most + 6)]  # more blocks in use at once than it keeps
+    assert len({r.data_ptr() for r in reserves}) == most + 6
     del reserves
-    info, nbytes = cache.cache_info(), T * B * 5 * H * 4
-    kept = min(8, info["limit_bytes"] // nbytes)  # (an eighth of the machine's memory, 2 GiB at most)
-    assert info["limit_bytes"] <= 2 << 30
-    assert info["idle_blocks"] == kept and info["idle_bytes"] == kept * nbytes
+    info = cache.cache_info()
+    assert info["limit_bytes"] <= 2 << 30  # (an eighth of the machine's memory, 2 GiB at most)
+    assert info["idle_blocks"] == min(most, info["limit_bytes"] // nbytes)
+
+
+def test_bounded_in_bytes(cache):
+    """The least recently returned blocks go first once the idle bytes would pass the limit."""
+    info = cache.cache_info()
+    nbytes = T * B * 5 * H * 4
+    n = info["limit_bytes"] // nbytes + 1
+    if n > info["max_idle_blocks"] or n * nbytes > 3 << 30:
+        pytest.skip("this machine's limit is reached in blocks first, or only past 3 GiB of reserves")
+    reserves = [_forward(seed=s)[3] for s in range(n)]
+    del reserves
+    info = cache.cache_info()
+    assert info["idle_bytes"] <= info["limit_bytes"]
 
 
 def test_switched_off(cache, monkeypatch):
@@ -99,10 +134,10 @@ def test_cached_tensors_are_ordinary_resizable_tensors(cache):
     reserve = _forward()[3]
     st = reserve.untyped_storage()
     assert st.resizable() and reserve.is_contiguous() and reserve.device.type == "cpu"
-    before = reserve.clone()
+    before, idle = reserve.clone(), cache.cache_info()["idle_blocks"]
     reserve.resize_(reserve.numel() + 1000)  # a new block from torch's allocator; the cached one goes back
     assert torch.equal(reserve[:before.numel()], before.flatten())
-    assert cache.cache_info()["idle_blocks"] == 1
+    assert cache.cache_info()["idle_blocks"] == idle + 1
 
 
 def test_the_profiler_counts_a_cached_block_while_it_is_used(cache):
@@ -110,7 +145,7 @@ def test_the_profiler_counts_a_cached_block_while_it_is_used(cache):
     fresh = metrics.cpu_peak_bytes(_forward)
     if fresh is None:
         pytest.skip("this torch build's profiler reports no allocation events")
-    assert cache.cache_info()["idle_blocks"] == 1  # the reserve came back when the call's results were dropped
+    assert cache.cache_info()["idle_blocks"] >= 1  # the reserve came back when the call's results were dropped
     reused = metrics.cpu_peak_bytes(_forward)
     assert fresh >= nbytes and reused >= nbytes
     assert abs(fresh - reused) < MIB
@@ -142,7 +177,7 @@ for _ in range(3):
     if pid == 0:  # child: one thread (libgomp's pool does not survive fork), a block from the cache, exit
         torch.set_num_threads(1)
         r = _forward(seed=2)[3]
-        os._exit(0 if r.numel() == T * B * 5 * H and cpu.cache_info()["idle_blocks"] == 0 else 1)
+        os._exit(0 if r.numel() == T * B * 5 * H else 1)
     deadline = time.monotonic() + 60
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -155,7 +190,7 @@ for _ in range(3):
     if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
         sys.exit(f"the forked child failed: status {status}")
     _forward(seed=3)  # the parent's cache still works after the fork
-sys.exit(0 if cpu.cache_info()["idle_blocks"] == 1 else "the parent's cache lost its block")
+sys.exit(0 if cpu.cache_info()["idle_blocks"] >= 1 else "the parent's cache lost its blocks")
 """
 
 

@@ -25,8 +25,8 @@ struct FwdScratch {
   T* hf = nullptr;
   explicit FwdScratch(const Layout& L) {
     const auto dtype = c10::CppTypeToScalarType<T>::value;
-    if (L.mode == kGRU) hg = (hg_t = alloc({L.B, L.G * L.H}, at::TensorOptions(dtype))).template data_ptr<T>();
-    if (L.proj) hf = (hf_t = alloc({L.B, L.H}, at::TensorOptions(dtype))).template data_ptr<T>();
+    if (L.mode == kGRU) hg = (hg_t = alloc_cached({L.B, L.G * L.H}, at::TensorOptions(dtype))).template data_ptr<T>();
+    if (L.proj) hf = (hf_t = alloc_cached({L.B, L.H}, at::TensorOptions(dtype))).template data_ptr<T>();
   }
 };
 
@@ -108,7 +108,7 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
   pk.gw = panel_width(slice_chunk(L.H, pk.S), K.vec);
   pk.pstride = L.G * pk.gw * L.P;
   if (L.proj) pk.prstride = panel_width(slice_chunk(L.P, pk.S), K.vec) * L.H;
-  pk.buf = alloc({pk.S * (pk.pstride + pk.prstride)}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  pk.buf = alloc_cached({pk.S * (pk.pstride + pk.prstride)}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   pk.p = pk.buf.template data_ptr<T>();
   pk.pr = L.proj ? pk.p + pk.S * pk.pstride : nullptr;
   // (slice, gate) pairs over the threads, then the projection's slices: with one slice (a split batch) the gates
@@ -510,12 +510,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Layout& L, const 
         time_chunks(L, dir.reverse, train ? train_chunk_rows(L) : chunk_rows(GH * sizeof(T)));
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
-    Tensor xg = in_reserve ? Tensor() : alloc({max_rows, GH}, opts);
+    Tensor xg = in_reserve ? Tensor() : alloc_cached({max_rows, GH}, opts);
     // half: float32 windows (window_rows) of y (all D*P columns, this direction's written) and of this
     // direction's reserve.
     const int64_t wrows = std::min(L.N, max_rows + 2 * L.B);
-    Tensor y_win = half ? alloc({wrows, L.D * L.P}, opts) : Tensor();
-    Tensor res_win = half && train && L.R ? alloc({wrows, L.R}, opts) : Tensor();
+    Tensor y_win = half ? alloc_cached({wrows, L.D * L.P}, opts) : Tensor();
+    Tensor res_win = half && train && L.R ? alloc_cached({wrows, L.R}, opts) : Tensor();
     int64_t prev_lo = 0;
     for (size_t i = 0; i < chunks.size(); ++i) {
       const Chunk& ch = chunks[i];
@@ -577,6 +577,10 @@ std::pair<int64_t, int64_t> block_cache_idle() {
 }
 
 int64_t block_cache_limit() { return static_cast<int64_t>(cache_limit()); }
+
+std::pair<int64_t, int64_t> block_cache_bounds() {
+  return {static_cast<int64_t>(kCacheMinBytes), static_cast<int64_t>(kCacheBlocks)};
+}
 
 double cache_read_bandwidth(int64_t bytes_per_thread) {
   const int64_t threads = loops::loop_threads();

@@ -52,11 +52,12 @@ std::string gemm_library();
 // Threads the persistent loops split into now (layer_loops.h, loop_threads).
 int64_t loop_thread_count();
 
-// The cache of large blocks (block_cache.h): frees its idle blocks and returns their bytes; its idle bytes and
-// blocks; the most idle bytes it keeps.
+// The cache of blocks (block_cache.h): frees its idle blocks and returns their bytes; its idle bytes and blocks;
+// the most idle bytes it keeps; the least bytes of a block it serves and the most idle blocks it keeps.
 int64_t empty_block_cache();
 std::pair<int64_t, int64_t> block_cache_idle();
 int64_t block_cache_limit();
+std::pair<int64_t, int64_t> block_cache_bounds();
 
 // Bytes a second that the persistent loops' threads (loop_threads(), each its own buffer of bytes_per_thread,
 // first touched by it) read together from wherever a buffer of that size stays between passes (L1, L2 or beyond):

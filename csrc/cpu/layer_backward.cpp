@@ -135,7 +135,7 @@ Packed<T> pack_backward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, i
   if (!pack_weights(L, false)) return pk;
   pk.vecs = K.panel_vecs_for(rows);
   pk.pstride = panel_width(slice_chunk(L.P, pk.S), K.vec) * dir.GH();
-  pk.buf = alloc({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+  pk.buf = alloc_cached({pk.S * pk.pstride}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
   pk.p = pk.buf.template data_ptr<T>();
   at::parallel_for(0, pk.S, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t sl = s0; sl < s1; ++sl) {
@@ -392,10 +392,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
     int64_t max_rows = 0;
     for (const Chunk& ch : chunks) max_rows = std::max(max_rows, ch.r1 - ch.r0);
     const int64_t ldg = L.mode == kGRU ? GH + L.H : GH;
-    Tensor dg = alloc({max_rows, ldg}, opts);
-    Tensor dht = L.proj ? alloc({max_rows, L.P}, opts) : Tensor();
-    Tensor hprev = gather_hprev ? alloc({max_rows, L.P}, opts) : Tensor();
-    Tensor dhf = L.proj ? alloc({L.B, L.H}, opts) : Tensor();
+    Tensor dg = alloc_cached({max_rows, ldg}, opts);
+    Tensor dht = L.proj ? alloc_cached({max_rows, L.P}, opts) : Tensor();
+    Tensor hprev = gather_hprev ? alloc_cached({max_rows, L.P}, opts) : Tensor();
+    Tensor dhf = L.proj ? alloc_cached({L.B, L.H}, opts) : Tensor();
     Packed<T> pk = small && L.T
                              ? pack_backward(dir_all, K, nblk > 1 ? 1 : small_slices(L), max_block_rows(blocks))
                              : Packed<T>{};
@@ -452,7 +452,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
       }
       if (first) {  // (d = 0 first where the directions take turns: d = 1 adds to its grad_x)
         if (need.weights)
-          for (int64_t k = 0; k < L.group; ++k) gw[d * L.group + k] = alloc(ws[d * L.group + k].sizes(), opts);
+          for (int64_t k = 0; k < L.group; ++k) gw[d * L.group + k] = alloc_cached(ws[d * L.group + k].sizes(), opts);
         if (need.x && d == 0) grad_x = alloc_cached({L.N, L.I}, gx_chunks ? x.options() : opts);
         if (need.x && d == 1 && parallel_dirs) grad_x_rev = alloc_cached({L.N, L.I}, opts);
       }
@@ -472,7 +472,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> backward_typed(
         }
       }
       if (gx_chunks) {  // (gx_chunks implies need.x)
-        if (!gx_buf.defined()) gx_buf = alloc({max_rows, L.I}, opts);
+        if (!gx_buf.defined()) gx_buf = alloc_cached({max_rows, L.I}, opts);
         Tensor gx = gx_buf.narrow(0, 0, rows);
         mm_acc(gx, dg_c, L.w_ih(ws, d), true, dnnl);
         grad_x.narrow(0, ch.r0, rows).copy_(gx);
