@@ -171,6 +171,14 @@ def _vmapped(t) -> bool:
     return False
 
 
+def _legacy_vmapped(tensors) -> bool:
+    """Whether a gradient is batched by torch's older vmap (torch._vmap_internals), which
+    torch.autograd.grad(is_grads_batched=True) and torch.autograd.functional's vectorize=True run the backward under:
+    its fallback cannot batch an op taking a list of tensors, so the layer's gradients come from the reference's
+    PyTorch ops there (_graph_grads), which it batches."""
+    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
 def _batched(tensors) -> bool:
     return any(_vmapped(t) for t in tensors)
 
@@ -298,6 +306,10 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve):  # (with create_graph=True, _graph_grads)
+        if _legacy_vmapped((grad_y, grad_hy, grad_cy)):
+            with torch.enable_grad():  # (the differentiable recomputation is what batches there)
+                gx, ghx, gcx, gws = _graph_grads(ctx, grad_y, grad_hy, grad_cy)
+            return (None, gx, None, ghx, gcx if ctx.mode == "lstm" else None, None, None, None, None, *gws)
         _, gx, _, ghx, gcx, gws, *_ = _backward(ctx, grad_y, grad_hy, grad_cy, grad_reserve, _layer_forward,
                                                 _layer_backward, _eager_mask(ctx))
         return (None, gx, None, ghx, gcx, None, None, None, None, *gws)

@@ -1,5 +1,6 @@
 """torch.func over the modules, as over torch.nn's: grad and vjp (meta-learning), vmap (batches of sequences,
-ensembles over stacked weights), per-sample gradients (vmap of grad), jacrev, jacfwd, hessian and grad of grad.
+ensembles over stacked weights), per-sample gradients (vmap of grad), jacrev, jacfwd, hessian and grad of grad; and
+torch.autograd's vectorised gradients (is_grads_batched, jacobian / hessian with vectorize=True).
 The oracle is torch.nn: its own transform where torch.nn runs it, else torch.nn called once per vmapped entry."""
 import pytest
 import torch
@@ -104,6 +105,27 @@ def test_jacobians_hessian_and_grad_of_grad_match_torch_nn(kind, kw, backend):
                 jacrev(jacrev(f))(x)]
 
     for a, b in zip(transforms(ours), transforms(ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", conformance_backends())
+@pytest.mark.parametrize("kind,kw", CONFIGS, ids=IDS)
+def test_batched_gradients_of_torch_autograd_match_torch_nn(kind, kw, backend):
+    """torch.autograd's own vectorised paths, which run the backward under torch's older vmap:
+    torch.autograd.grad(is_grads_batched=True) in the input and every parameter, and torch.autograd.functional's
+    jacobian and hessian with vectorize=True, as torch.nn gives them."""
+    ref, ours = make_pair(kind, I, H, backend=backend, **kw)
+    x = _entries(kind, kw, True, torch.Generator().manual_seed(5))[0][0]
+    got = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_()
+        ys = flatten_out(m(xi))
+        cot = [torch.randn(4, *y.shape, generator=torch.Generator().manual_seed(6), dtype=y.dtype) for y in ys]
+        grads = torch.autograd.grad(ys, [xi, *m.parameters()], cot, is_grads_batched=True)
+        first = lambda z: flatten_out(m(z))[0]  # noqa: E731
+        got.append([*grads, torch.autograd.functional.jacobian(first, x, vectorize=True),
+                    torch.autograd.functional.hessian(lambda z: first(z).tanh().sum(), x, vectorize=True)])
+    for a, b in zip(*got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 

@@ -144,7 +144,15 @@ struct CellFunction : public torch::autograd::Function<CellFunction> {
     if (!grad_h.defined() && !grad_c.defined()) return out;
     // needs_input_grad counts the tensor arguments only: x, hx, (cx,) the weights.
     const size_t w0 = lstm ? 3 : 2;
-    if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: a differentiable recomputation
+    // Gradients batched by torch's older vmap (torch.autograd.grad(is_grads_batched=True), vectorize=True in
+    // torch.autograd.functional): its fallback cannot batch an op with a list of tensors, but it batches the
+    // recomputation's ATen ops.
+    auto legacy_batched = [](const Tensor& t) {
+      return t.defined() && t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Batched);
+    };
+    const bool batched = legacy_batched(grad_h) || legacy_batched(grad_c);
+    if (torch::autograd::GradMode::is_enabled() || batched) {  // create_graph=True: a differentiable recomputation
+      at::AutoGradMode grad_mode(true);
       const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
       auto up = [&](const Tensor& t) { return half && t.defined() ? t.to(at::kFloat) : t; };
       std::vector<Tensor> wf;
