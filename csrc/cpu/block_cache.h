@@ -67,8 +67,9 @@ class BlockCache {
     size_t got = bytes;
     {
       std::lock_guard<std::mutex> g(m_);
+      // The smallest fit, and of equal ones the most recently returned (the likeliest to be in the CPU's caches).
       size_t best = idle_.size();
-      for (size_t i = 0; i < idle_.size(); ++i) {
+      for (size_t i = idle_.size(); i-- > 0;) {
         const size_t s = idle_[i].bytes;
         if (s >= bytes && s - bytes <= bytes / 4 && (best == idle_.size() || s < idle_[best].bytes)) best = i;
       }
