@@ -23,7 +23,8 @@ from torch.nn.utils.rnn import PackedSequence
 from .ops import layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
 from .backends import check_backend_name, resolve
-from .fast_path import _CPU_CELL, _MODES, _cell_op_applies, _cpu_cell, _cpu_cell_step, _cpu_sequence, _steps
+from .fast_path import (_CELL_TYPES, _CPU_CELL, _MODES, _cell_op_applies, _cpu_cell, _cpu_cell_forward,
+                        _cpu_cell_step, _cpu_sequence, _steps)
 from .onnx import export_forward, in_export
 
 # ATen's names for dtypes, used where torch.nn's error comes from ATen ("mat1 and mat2 must have the same dtype").
@@ -425,6 +426,9 @@ class _FusedCellBase(nn.RNNCellBase):
         return out if amp is None else tuple(o.to(dt) for o, dt in zip(out, out_dt))
 
     def _cell_forward(self, input: Tensor, hx, n_states: int):
+        out = _cpu_cell_forward(self, input, hx, n_states)
+        if out is not None:
+            return out
         if in_export():  # export as torch.nn does (onnx.py)
             return export_forward(self, input, hx, self._name)
         if input.dim() not in (1, 2):
@@ -499,4 +503,5 @@ class RNNCell(_FusedCellBase):
 
 
 _CELL_CLASSES = (LSTMCell, GRUCell, RNNCell)
+_CELL_TYPES[0] = _CELL_CLASSES
 _SEQ_CLASSES = (LSTM, GRU, RNN)

@@ -100,12 +100,13 @@ def test_cell_module_takes_the_cell_op(mode, dtype, grad):
         if not fast:
             fm._cpu_cell_step, saved = (lambda *a: False), fm._cpu_cell_step
             fm._cell_op_applies, saved2 = (lambda *a: False), fm._cell_op_applies
+            fm._cpu_cell_forward, saved3 = (lambda *a: None), fm._cpu_cell_forward
         try:
             with torch.set_grad_enabled(grad):
                 out = cell(x, hx)
         finally:
             if not fast:
-                fm._cpu_cell_step, fm._cell_op_applies = saved, saved2
+                fm._cpu_cell_step, fm._cell_op_applies, fm._cpu_cell_forward = saved, saved2, saved3
         outs = out if isinstance(out, tuple) else (out,)
         if grad:
             node = outs[0].grad_fn.name()
