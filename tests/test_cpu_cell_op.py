@@ -1,5 +1,6 @@
 """fusedrnn::cpu_cell, the CPU cell step's op (csrc/cpu/cell.cpp): its gradients (first and second, by finite
-differences, and opcheck), the backward asking only for what needs a gradient, and the cell modules' use of it."""
+differences, and opcheck), the backward asking only for what needs a gradient, the cell modules' use of it, and
+fusedrnn._C.cell_step, the same step without the dispatcher call in front."""
 import pytest
 import torch
 
@@ -120,3 +121,61 @@ def test_cell_module_takes_the_cell_op(mode, dtype, grad):
     for got, want in zip(*results):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cell_step_is_the_op_without_the_dispatcher_call(mode, bias, dtype):
+    """fusedrnn._C.cell_step (the modules' fast path calls it instead of torch.ops.fusedrnn.cpu_cell): bitwise the
+    op's h and c, with and without a graph, the graph's node the op's C++ Function and its gradients the op's."""
+    x, h, c, ws = _cell_case(mode, bias, dtype)
+    results = []
+    for direct in (True, False):
+        with torch.no_grad():
+            if direct:
+                out = cpu._C.cell_step(mode, x, h, c, ws, bias)
+            else:
+                hn, cn, _ = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, False)
+                out = (hn, cn) if mode == "lstm" else hn
+        outs = list(out) if mode == "lstm" else [out]
+        assert all(o.grad_fn is None for o in outs)
+        if direct:
+            out = cpu._C.cell_step(mode, x, h, c, ws, bias)
+        else:
+            hn, cn, _ = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, False)
+            out = (hn, cn) if mode == "lstm" else hn
+        graph = list(out) if mode == "lstm" else [out]
+        assert "CellFunction" in graph[0].grad_fn.name()
+        loss = sum((o.float() * (k + 2)).sum() for k, o in enumerate(graph))
+        wrt = [x, h] + ([c] if c is not None else []) + ws
+        results.append(outs + [o.detach() for o in graph] + list(torch.autograd.grad(loss, wrt)))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cell_step_errors():
+    """Wrong arguments are a TypeError, a kernel's refusal a RuntimeError with the kernel's message: never a crash."""
+    x, h, c, ws = _cell_case("gru", True, torch.float32)
+    with pytest.raises(TypeError):
+        cpu._C.cell_step("gru", x, h, None, ws)
+    with pytest.raises(TypeError):
+        cpu._C.cell_step("gru", x, h, None, tuple(ws), True)
+    with pytest.raises(TypeError):
+        cpu._C.cell_step("gru", x, h, None, [ws[0], 1.0, ws[2], ws[3]], True)
+    with pytest.raises(RuntimeError, match="cpu_cell"):
+        cpu._C.cell_step("gru", x[0], h, None, ws, True)  # x not [B, I]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cx for lstm only"):
+        cpu._C.cell_step("gru", x, h, h, ws, True)
+
+
+def test_profiler_sees_the_cell_op_from_the_module():
+    """The modules' steps skip the dispatcher call torch.ops makes, not the op: the profiler still records
+    fusedrnn::cpu_cell for each step."""
+    import fusedrnn
+    cell = fusedrnn.GRUCell(4, 5)
+    x, h = torch.randn(2, 4), torch.randn(2, 5)
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            h = cell(x, h)
+    assert sum(e.name == "fusedrnn::cpu_cell" for e in prof.events()) == 3

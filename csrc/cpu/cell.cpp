@@ -219,6 +219,16 @@ CellResult cpu_cell_autograd(c10::string_view mode, const Tensor& x, const Tenso
 
 }  // namespace
 
+namespace fusedrnn::cpu {
+
+std::tuple<Tensor, Tensor> cell_step(const std::string& mode, const Tensor& x, const Tensor& hx,
+                                     const std::optional<Tensor>& cx, at::TensorList weights, bool has_biases) {
+  auto [h, c, reserve] = cpu_cell_autograd(mode, x, hx, cx, weights, has_biases, false);
+  return {h, c};
+}
+
+}  // namespace fusedrnn::cpu
+
 TORCH_LIBRARY_FRAGMENT(fusedrnn, m) {
   m.def("cpu_cell(str mode, Tensor x, Tensor hx, Tensor? cx, Tensor[] weights, bool has_biases, bool train) "
         "-> (Tensor, Tensor, Tensor)");

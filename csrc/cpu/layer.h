@@ -59,6 +59,13 @@ std::pair<int64_t, int64_t> block_cache_idle();
 int64_t block_cache_limit();
 std::pair<int64_t, int64_t> block_cache_bounds();
 
+// One cell step as the fusedrnn::cpu_cell op's Autograd kernel runs it (csrc/cpu/cell.cpp: the C++ Function where a
+// graph is recorded), for a caller that has done the op's checks and needs no dispatcher in front (the modules'
+// fast path, through fusedrnn._C.cell_step): (h, c) with c an empty [0] but for lstm.
+std::tuple<at::Tensor, at::Tensor> cell_step(const std::string& mode, const at::Tensor& x, const at::Tensor& hx,
+                                             const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                             bool has_biases);
+
 // Bytes a second that the persistent loops' threads (loop_threads(), each its own buffer of bytes_per_thread,
 // first touched by it) read together from wherever a buffer of that size stays between passes (L1, L2 or beyond):
 // the best of 5 timed runs of about 64 MiB of reads a thread, summed over the threads. The benchmark's ceiling
