@@ -130,22 +130,20 @@ def test_cell_step_is_the_op_without_the_dispatcher_call(mode, bias, dtype):
     """fusedrnn._C.cell_step (the modules' fast path calls it instead of torch.ops.fusedrnn.cpu_cell): bitwise the
     op's h and c, with and without a graph, the graph's node the op's C++ Function and its gradients the op's."""
     x, h, c, ws = _cell_case(mode, bias, dtype)
+
+    def step(direct):
+        if direct:
+            out = cpu._C.cell_step(mode, x, h, c, ws, bias)
+            return list(out) if mode == "lstm" else [out]
+        hn, cn, _ = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, False)
+        return [hn, cn] if mode == "lstm" else [hn]
+
     results = []
     for direct in (True, False):
         with torch.no_grad():
-            if direct:
-                out = cpu._C.cell_step(mode, x, h, c, ws, bias)
-            else:
-                hn, cn, _ = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, False)
-                out = (hn, cn) if mode == "lstm" else hn
-        outs = list(out) if mode == "lstm" else [out]
+            outs = step(direct)
         assert all(o.grad_fn is None for o in outs)
-        if direct:
-            out = cpu._C.cell_step(mode, x, h, c, ws, bias)
-        else:
-            hn, cn, _ = torch.ops.fusedrnn.cpu_cell(mode, x, h, c, ws, bias, False)
-            out = (hn, cn) if mode == "lstm" else hn
-        graph = list(out) if mode == "lstm" else [out]
+        graph = step(direct)
         assert "CellFunction" in graph[0].grad_fn.name()
         loss = sum((o.float() * (k + 2)).sum() for k, o in enumerate(graph))
         wrt = [x, h] + ([c] if c is not None else []) + ws
