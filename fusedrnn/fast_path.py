@@ -12,7 +12,6 @@ from . import debug
 from ._env import env
 from .backends import AUTO_ORDER, GENERATION, resolve
 from .onnx import in_export
-from .onnx import in_export
 from .ops import _PLAIN, _EagerLayer, _plain_eager, forward_ad_active
 
 _CPU = torch.device("cpu")

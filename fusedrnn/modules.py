@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .ops import layer as run_layer  # (its import registers torch.ops.fusedrnn.*)
 from .amp import autocast_dtype, cast, output_dtypes
 from .backends import check_backend_name, resolve
-from .fast_path import (_CELL_TYPES, _CPU_CELL, _MODES, _cell_op_applies, _cpu_cell, _cpu_cell_forward,
+from .fast_path import (_CELL_STEP, _CELL_TYPES, _MODES, _cell_op_applies, _cell_step, _cpu_cell_forward,
                         _cpu_cell_step, _cpu_sequence, _steps)
 from .onnx import export_forward, in_export
 
@@ -386,11 +386,12 @@ class _FusedCellBase(nn.RNNCellBase):
         return self._cell_general(input, hx, weights, mode)
 
     def _cpu_cell(self, mode, input, hx, weights):
-        """The step as one dispatcher call whose autograd node is in C++ (csrc/cpu/cell.cpp): a decoder loop pays
-        this path's fixed cost at every step."""
-        op = _CPU_CELL[0] if _CPU_CELL else _cpu_cell()
-        h, c, _ = op(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias, False)
-        return (h, c) if mode == "lstm" else (h,)
+        """The step as the cpu_cell op, its autograd node in C++ (csrc/cpu/cell.cpp), called through
+        fusedrnn._C.cell_step as _cpu_cell_forward calls it: a decoder loop pays this path's fixed cost at every
+        step."""
+        step = _CELL_STEP[0] if _CELL_STEP else _cell_step()
+        out = step(mode, input, hx[0], hx[1] if len(hx) > 1 else None, weights, self.bias)
+        return out if mode == "lstm" else (out,)
 
     def _cell_general(self, input: Tensor, hx, weights, mode):
         """_cell through the layer op, with torch.nn's errors for bad input."""
