@@ -214,6 +214,34 @@ def test_gate_pass_unit_groups(mode, split, dtype, capability, monkeypatch):
     assert_match(dict(zip("y hy cy".split(), ours)), dict(zip("y hy cy".split(), ref)), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("split", ["hidden", "batch"])
+@pytest.mark.parametrize("B,H,varlen,proj", [(3, 40, False, 0), (8, 40, False, 0), (13, 88, True, 0), (7, 40, True, 5),
+                                             (70, 24, False, 0), (6, 260, False, 0)],
+                         ids=["B3", "B8", "B13-packed", "B7-proj", "B70", "K260"])
+def test_fused_lstm_cell_is_bitwise_the_gate_pass(B, H, varlen, proj, split, dtype, capability, monkeypatch):
+    """The LSTM forward's product with the cell fused into it (FUSEDRNN_CPU_FUSED=1, KernelTable::lstm_panel_fwd:
+    blocks of up to 6 rows with AVX-512, 2 elsewhere, one vector of units of each gate) gives bitwise the outputs,
+    states and reserve of panel_gemm into the pre-activations and the gate pass (=0), in training and inference,
+    and matches the reference. H = 40 and 88: slices whose last vector of units is partly filled; B 3-13: one and
+    several row blocks, packed lengths (rows ending mid-sequence); B = 70: more rows than one call keeps the sums
+    of (64); H = 260: K = 260 > 256, whose first 256 terms go to the pre-activations first (kSumChunk); a
+    projection (its own panels after the cell)."""
+    monkeypatch.setenv("FUSEDRNN_CPU_LOOP", "persistent")
+    monkeypatch.setenv("FUSEDRNN_CPU_PACK", "1")
+    monkeypatch.setenv("FUSEDRNN_CPU_SPLIT", split)
+    lengths = [max(1, 6 - j // 3) for j in range(B)] if varlen else None
+    args, grads = make_case("lstm", 2, B, lengths, I=9, H=H, proj=proj, dtype=torch.float64)
+    a = cast_args(args, dtype)
+    outs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("FUSEDRNN_CPU_FUSED", fused)
+        outs[fused] = [*forward("cpu", a, True), *forward("cpu", a, False)[:3]]
+    for name, x, y in zip("y hy cy reserve y_inf hy_inf cy_inf".split(), outs["0"], outs["1"]):
+        assert torch.equal(x, y), name
+    assert_match(run("cpu", args, grads, dtype=dtype), run("reference", args, grads), TOL[dtype])
+
+
 def _float32_train_and_inference_match_reference(mode, case):
     """The float32 cpu layer's training forward and backward, and its inference forward, against the float64
     reference to float32 rounding (I=20, H=24)."""

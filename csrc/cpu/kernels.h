@@ -97,6 +97,12 @@ struct KernelTable {
   // AVX-512's 32 registers, 6 of 2 with 16), split evenly, so each weight vector loaded feeds up to 12 FMAs.
   void (*panel_gemm)(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& h, int64_t b, T* out, int64_t ldo,
                      bool accumulate);
+  // An LSTM step over rows [0, b) for one vector of hidden units [k, k + n), n <= vec: the recurrent product from
+  // a gate-interleaved panel Wp [K, 4 * vec] (element (kk, g * vec + c) = W_hh[g * H + k + c, kk], zero past n;
+  // see pack_lstm_group in layer.cpp) with the cell computed on its sums in registers, as panel_gemm into a.pre
+  // followed by fwd[kLSTM] would, bitwise.
+  void (*lstm_panel_fwd)(const T* Wp, int64_t K, const RowSrc<T>& h, int64_t b, const FwdArgs<T>& a, int64_t k,
+                         int64_t n);
   // One packed panel from n <= panel_vecs * vec rows of W (row stride ldw): dst[k * width + c] = W[c * ldw + k]
   // for c < n, 0 for n <= c < width = panel_width(n, vec), k < K. A transpose: vector blocks where the build has
   // them.

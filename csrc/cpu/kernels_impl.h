@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #include <utility>
 
@@ -228,45 +229,56 @@ constexpr int kGateVecs = 4;
 constexpr int kGateVecs = 2;
 #endif
 
-// Units [k, k + U*V) of row j (the last vector n valid lanes; whole vectors before it).
-template <typename T, int U>
-inline void lstm_fwd_units(const FwdArgs<T>& a, int64_t j, int64_t k, int64_t n) {
-  constexpr int64_t V = Vec<T>::size();
+// The LSTM cell on U vectors of units: pre(g, u) gives vector u's pre-activations of gate g (biases added), place(u)
+// its place {row j, first unit k, valid lanes n}. Each statement runs for all U before the next (see kGateVecs).
+// Shared by the gate pass (U vectors along a row) and the product with fused gates (the rows of a register block;
+// kernels_products.h, lstm_panel_fwd), so both give bitwise the same states.
+template <typename T, int U, typename Pre, typename At>
+inline void lstm_fwd_core(const FwdArgs<T>& a, const Pre& pre, const At& place) {
   const int64_t H = a.H;
-  const T* p = a.pre + j * a.ld_pre;
-  T* c = a.c + j * a.ld_c;
-  T* r = a.res ? a.res + j * a.ld_res : nullptr;
   Vec<T> gi[U], gf[U], gg[U], go[U], cn[U], h[U];
-  auto m = [&](int u) { return u == U - 1 ? n : V; };
   UNROLL
-  for (int u = 0; u < U; ++u) gi[u] = sigmoid(pre_at(a, p, k + u * V, m(u)));
+  for (int u = 0; u < U; ++u) gi[u] = sigmoid(pre(0, u));
   UNROLL
-  for (int u = 0; u < U; ++u) gf[u] = sigmoid(pre_at(a, p, H + k + u * V, m(u)));
+  for (int u = 0; u < U; ++u) gf[u] = sigmoid(pre(1, u));
   UNROLL
-  for (int u = 0; u < U; ++u) gg[u] = tanh_(pre_at(a, p, 2 * H + k + u * V, m(u)));
+  for (int u = 0; u < U; ++u) gg[u] = tanh_(pre(2, u));
   UNROLL
-  for (int u = 0; u < U; ++u) go[u] = sigmoid(pre_at(a, p, 3 * H + k + u * V, m(u)));
+  for (int u = 0; u < U; ++u) go[u] = sigmoid(pre(3, u));
   UNROLL
-  for (int u = 0; u < U; ++u) cn[u] = at::vec::fmadd(gf[u], ld(c + k + u * V, m(u)), gi[u] * gg[u]);
+  for (int u = 0; u < U; ++u) {
+    const auto [j, k, n] = place(u);
+    cn[u] = at::vec::fmadd(gf[u], ld(a.c + j * a.ld_c + k, n), gi[u] * gg[u]);
+  }
   UNROLL
   for (int u = 0; u < U; ++u) h[u] = go[u] * tanh_(cn[u]);
   UNROLL
   for (int u = 0; u < U; ++u) {
-    const int64_t ku = k + u * V;
-    st(cn[u], c + ku, m(u));
-    store_h(a, j, ku, h[u], m(u));
-    if (r) {
-      st(gi[u], r + ku, m(u));
-      st(gf[u], r + H + ku, m(u));
-      st(gg[u], r + 2 * H + ku, m(u));
-      st(go[u], r + 3 * H + ku, m(u));
-      st(cn[u], r + 4 * H + ku, m(u));
+    const auto [j, k, n] = place(u);
+    st(cn[u], a.c + j * a.ld_c + k, n);
+    store_h(a, j, k, h[u], n);
+    if (a.res) {
+      T* r = a.res + j * a.ld_res;
+      st(gi[u], r + k, n);
+      st(gf[u], r + H + k, n);
+      st(gg[u], r + 2 * H + k, n);
+      st(go[u], r + 3 * H + k, n);
+      st(cn[u], r + 4 * H + k, n);
     }
   }
 }
 
-// Rows [j0, j1), units [k0, k1): units(j, k, n, U) on kGateVecs whole vectors at a time, then on two, then on one
-// (n valid lanes in the last vector) for what is left of the row. U is a std::integral_constant.
+// Units [k, k + U*V) of row j (the last vector n valid lanes; whole vectors before it).
+template <typename T, int U>
+inline void lstm_fwd_units(const FwdArgs<T>& a, int64_t j, int64_t k, int64_t n) {
+  constexpr int64_t V = Vec<T>::size();
+  const T* p = a.pre + j * a.ld_pre;
+  auto m = [&](int u) { return u == U - 1 ? n : V; };
+  lstm_fwd_core<T, U>(
+      a, [&](int g, int u) { return pre_at(a, p, g * a.H + k + u * V, m(u)); },
+      [&](int u) { return std::array<int64_t, 3>{j, k + u * V, m(u)}; });
+}
+
 template <typename T, typename F>
 inline void gate_rows(int64_t j0, int64_t j1, int64_t k0, int64_t k1, const F& units) {
   constexpr int64_t V = Vec<T>::size();
@@ -488,6 +500,7 @@ KernelTable<T> make_table() {
   t.vec = Vec<T>::size();
   t.panel_vecs = kPanelVecs;
   t.panel_gemm = panel_gemm<T>;
+  t.lstm_panel_fwd = lstm_panel_fwd<T>;
   t.pack_panel = pack_panel<T>;
   t.read_sum = read_sum<T>;
   return t;

@@ -98,6 +98,17 @@ void pack_slice_gate(const KernelTable<T>& Kt, const T* W, int64_t H, int64_t g,
   });
 }
 
+// The gate-interleaved panel of hidden units [k, k + n), n <= vec (Packed::fused): dst[kk * 4vec + g * vec + c] =
+// W[g*H + k + c, kk] for kk < K, zero for c >= n. tmp: K * vec elements.
+template <typename T>
+void pack_lstm_group(const KernelTable<T>& Kt, const T* W, int64_t H, int64_t K, int64_t k, int64_t n, T* tmp, T* dst) {
+  const int64_t V = Kt.vec;
+  for (int64_t g = 0; g < 4; ++g) {
+    Kt.pack_panel(W + (g * H + k) * K, K, n, K, tmp);
+    for (int64_t kk = 0; kk < K; ++kk) std::memcpy(dst + kk * 4 * V + g * V, tmp + kk * V, V * sizeof(T));
+  }
+}
+
 template <typename T>
 Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, int64_t rows) {
   const Layout& L = *dir.L;
@@ -113,8 +124,23 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
   pk.pr = L.proj ? pk.p + pk.S * pk.pstride : nullptr;
   // (slice, gate) pairs over the threads, then the projection's slices: with one slice (a split batch) the gates
   // are still packed in parallel. With a slice a thread, thread s packs slice s (the pairs are cut in equal
-  // contiguous ranges).
-  const int64_t n_hh = pk.S * L.G;
+  // contiguous ranges). Fused LSTM panels: (slice, group of units) pairs likewise.
+  pk.fused = fused_lstm(L, S, rows);
+  if (pk.fused) {
+    const int64_t groups = pk.gw / K.vec;
+    at::parallel_for(0, pk.S * groups, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> tmp(L.P * K.vec);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t sl = i / groups, u = i % groups;
+        const auto [k0, k1] = slice_range(L.H, sl, pk.S);
+        const int64_t k = k0 + u * K.vec;
+        if (k < k1)
+          pack_lstm_group(K, dir.w_hh, L.H, L.P, k, std::min(K.vec, k1 - k), tmp.data(),
+                          pk.p + sl * pk.pstride + u * 4 * K.vec * L.P);
+      }
+    });
+  }
+  const int64_t n_hh = pk.fused ? 0 : pk.S * L.G;
   at::parallel_for(0, n_hh + (L.proj ? pk.S : 0), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (i >= n_hh) {
@@ -246,6 +272,13 @@ void forward_small(const Dir<T>& dir, const KernelTable<T>& K, const Packed<T>& 
       const int64_t ldo = rec_out ? GH : xg.ld;
       for (int64_t sl = sl0; sl < sl1; ++sl) {
         const auto [k0, k1] = slice_range(H, sl, S);
+        if (pk.fused) {  // the product with the gates, a vector of units at a time
+          const FwdArgs<T> a = fwd_args(dir, t, pre, xg.ld, hg, hp, c, h, hf);
+          const T* wp = pk.p + sl * pk.pstride;
+          for (int64_t k = k0; k < k1; k += K.vec)
+            K.lstm_panel_fwd(wp + (k - k0) * 4 * P, P, hp, b, a, k, std::min(K.vec, k1 - k));
+          continue;
+        }
         for (int64_t g = 0; g < L.G; ++g) {
           if constexpr (std::is_same_v<T, float>) {
             if (amx) {

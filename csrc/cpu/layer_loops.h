@@ -569,6 +569,9 @@ struct Packed {
   // pr + sl * prstride, panels of K = H.
   T* pr = nullptr;
   int64_t prstride = 0;
+  // Forward LSTM (fused_lstm()): each slice's W_hh packed in gate-interleaved panels, one a vector of hidden units
+  // (KernelTable::lstm_panel_fwd), the group of units [k0 + u*vec, ...) of slice sl at p + sl * pstride + u*4*vec*P.
+  bool fused = false;
 };
 
 // Whether the persistent loops repack W_hh (forward: rows into k-major panels; backward: columns into strips). The
@@ -606,6 +609,22 @@ inline bool pack_weights(const Layout& L, bool forward) {
   if (forward) return L.B > 2 ? 2 * L.N >= L.P : amd_family() >= 0x1A && L.N >= kPackMinRowsZen5;
   if (L.mode == kLSTM && amd_family() >= 0x1A) return L.N >= 2 * kPackMinRowsZen5;
   return L.B > 2 && (L.mode == kLSTM ? 4 * L.P <= L.N : 8 * L.P <= L.N);
+}
+
+// Whether the forward's persistent loop multiplies an LSTM's W_hh with its cell fused into the product
+// (KernelTable::lstm_panel_fwd on gate-interleaved panels: blocks of up to 6 rows x one vector of units of each gate,
+// their sums straight to the cell) rather than panel_gemm into the pre-activations and a gate pass over them. S:
+// the loop's thread slices; rows: the most rows one loop runs (a block of a split batch, or the batch). Not with one
+// slice of 7 or 8 rows, which the fused kernel takes in two blocks of 4 and panel_gemm in one of 8 x 3 vectors.
+// Measured (AVX-512 Xeon, forward, time fused / not, alternating call by call, 30 rounds; 2 threads unless said):
+// LSTM T100 H256 B4 0.865-0.90, B8 0.93-0.95, B12 (a split batch, 6 rows a thread) 0.92, B32 0.99, T500 B32 H128
+// 0.987, T100 B64 H512 0.98, B4 H512 0.95, B8 H128 0.88, T300 B3 0.91; one thread: B4 0.955, B12 0.994, T500 B32
+// H128 1.007, T100 B16 1.003; the cases left out: B16 (a split batch of 8 rows a thread) 1.02, B16 H512 P128 1.016,
+// one thread B8 1.036. Bitwise the same results either way. FUSEDRNN_CPU_FUSED=0|1 overrides (tests run both).
+inline bool fused_lstm(const Layout& L, int64_t S, int64_t rows) {
+  if (L.mode != kLSTM) return false;
+  if (const char* e = std::getenv("FUSEDRNN_CPU_FUSED")) return std::strcmp(e, "0") != 0;
+  return S > 1 || rows < 7 || rows > 8;
 }
 
 // The forward at batch kSmallBatch (8) to kPersistentMaxBatch takes one GEMM call a step instead of the persistent
