@@ -162,11 +162,13 @@ void matvec(const T* W, int64_t ldw, int64_t NRows, int64_t K, const RowSrc<T>& 
 }
 
 // Batch rows the vector-matrix kernel and the two-vector panels hold in registers (two accumulators a row): 6 with
-// the 16 vector registers of the baseline and AVX2 builds, 12 with AVX-512's 32 (three-vector panels: 8).
+// the 16 vector registers of the baseline and AVX2 builds, 12 with AVX-512's 32 (three-vector panels: 8). And a
+// register block of lstm_panel_block (4 accumulators a row, one vector of units of each gate): 6 rows, 24
+// accumulators beside the 4 weight vectors and a broadcast, with 32 registers; 2 rows with 16.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kPanelRows = 12;
+constexpr int kPanelRows = 12, kFusedRows = 6;
 #else
-constexpr int kPanelRows = 6;
+constexpr int kPanelRows = 6, kFusedRows = 2;
 #endif
 
 // Calls f(std::integral_constant<int, nb>) for a run-time nb in [1, N], so each block size gets its own unrolled
@@ -414,14 +416,6 @@ void panel_gemm(const T* Wp, int64_t K, int64_t n, const RowSrc<T>& hs, int64_t 
 }
 
 // ---- LSTM: the product with the cell fused into it -------------------------------------------------------------
-
-// Batch rows a register block of lstm_panel_block takes: 4 accumulators a row (one vector of units of each gate),
-// 24 with AVX-512's 32 registers beside the 4 weight vectors and a broadcast; 2 rows (8) with 16 registers.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kFusedRows = 6;
-#else
-constexpr int kFusedRows = 2;
-#endif
 
 // The cell of U rows [j0, j0 + U) for units [k, k + n) from their recurrent sums sums[u][g] (one vector each):
 // pre + sum + bias, then lstm_fwd_core. Not inlined: the gate math gets the registers to itself.
