@@ -99,8 +99,8 @@ struct KernelTable {
                      bool accumulate);
   // An LSTM step over rows [0, b) for one vector of hidden units [k, k + n), n <= vec: the recurrent product from
   // a gate-interleaved panel Wp [K, 4 * vec] (element (kk, g * vec + c) = W_hh[g * H + k + c, kk], zero past n;
-  // see pack_lstm_group in layer.cpp) with the cell computed on its sums in registers, as panel_gemm into a.pre
-  // followed by fwd[kLSTM] would, bitwise.
+  // see pack_lstm_group in layer.cpp), its sums kept in L1 for the cell that follows, which gives bitwise what
+  // panel_gemm into a.pre followed by fwd[kLSTM] gives.
   void (*lstm_panel_fwd)(const T* Wp, int64_t K, const RowSrc<T>& h, int64_t b, const FwdArgs<T>& a, int64_t k,
                          int64_t n);
   // One packed panel from n <= panel_vecs * vec rows of W (row stride ldw): dst[k * width + c] = W[c * ldw + k]

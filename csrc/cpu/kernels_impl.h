@@ -231,8 +231,8 @@ constexpr int kGateVecs = 2;
 
 // The LSTM cell on U vectors of units: pre(g, u) gives vector u's pre-activations of gate g (biases added), place(u)
 // its place {row j, first unit k, valid lanes n}. Each statement runs for all U before the next (see kGateVecs).
-// Shared by the gate pass (U vectors along a row) and the product with fused gates (the rows of a register block;
-// kernels_products.h, lstm_panel_fwd), so both give bitwise the same states.
+// Shared by the gate pass (U vectors along a row) and the product with the cell fused into it (U rows of one
+// vector of units; kernels_products.h, lstm_panel_fwd), so both give bitwise the same states.
 template <typename T, int U, typename Pre, typename At>
 inline void lstm_fwd_core(const FwdArgs<T>& a, const Pre& pre, const At& place) {
   const int64_t H = a.H;

@@ -487,7 +487,8 @@ inline void lstm_panel_block(const T* Wp, int64_t K, const T* const* h, const Fw
     for (int g = 0; g < 4; ++g) acc[j][g].store(sums[j][g]);
 }
 
-// Rows a call of lstm_panel_fwd keeps the sums of (16 KiB for AVX-512 float): the persistent loop's batch at most.
+// Rows a call of lstm_panel_fwd keeps the sums of at once (16 KiB for AVX-512 float): the persistent loop's batch
+// at most, unless FUSEDRNN_CPU_LOOP=persistent forces more, which then run 64 at a time.
 constexpr int64_t kFusedMaxRows = 64;
 
 // KernelTable::lstm_panel_fwd: the products of rows [0, b) in register blocks of up to kFusedRows (split evenly),
