@@ -103,6 +103,8 @@ struct KernelTable {
   // panel_gemm into a.pre followed by fwd[kLSTM] gives.
   void (*lstm_panel_fwd)(const T* Wp, int64_t K, const RowSrc<T>& h, int64_t b, const FwdArgs<T>& a, int64_t k,
                          int64_t n);
+  // Rows of lstm_panel_fwd's register blocks (6 with AVX-512's 32 registers, 2 with 16).
+  int64_t fused_rows;
   // One packed panel from n <= panel_vecs * vec rows of W (row stride ldw): dst[k * width + c] = W[c * ldw + k]
   // for c < n, 0 for n <= c < width = panel_width(n, vec), k < K. A transpose: vector blocks where the build has
   // them.

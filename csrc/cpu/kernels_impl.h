@@ -501,6 +501,7 @@ KernelTable<T> make_table() {
   t.panel_vecs = kPanelVecs;
   t.panel_gemm = panel_gemm<T>;
   t.lstm_panel_fwd = lstm_panel_fwd<T>;
+  t.fused_rows = kFusedRows;
   t.pack_panel = pack_panel<T>;
   t.read_sum = read_sum<T>;
   return t;

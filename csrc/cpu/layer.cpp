@@ -125,7 +125,7 @@ Packed<T> pack_forward(const Dir<T>& dir, const KernelTable<T>& K, int64_t S, in
   // (slice, gate) pairs over the threads, then the projection's slices: with one slice (a split batch) the gates
   // are still packed in parallel. With a slice a thread, thread s packs slice s (the pairs are cut in equal
   // contiguous ranges). Fused LSTM panels: (slice, group of units) pairs likewise.
-  pk.fused = fused_lstm(L, S, rows);
+  pk.fused = fused_lstm(L, S, rows, K.fused_rows);
   if (pk.fused) {
     const int64_t groups = pk.gw / K.vec;
     at::parallel_for(0, pk.S * groups, 1, [&](int64_t i0, int64_t i1) {

@@ -620,11 +620,13 @@ inline bool pack_weights(const Layout& L, bool forward) {
 // LSTM T100 H256 B4 0.865-0.90, B8 0.93-0.95, B12 (a split batch, 6 rows a thread) 0.92, B32 0.99, T500 B32 H128
 // 0.987, T100 B64 H512 0.98, B4 H512 0.95, B8 H128 0.88, T300 B3 0.91; one thread: B4 0.955, B12 0.994, T500 B32
 // H128 1.007, T100 B16 1.003; the cases left out: B16 (a split batch of 8 rows a thread) 1.02, B16 H512 P128 1.016,
-// one thread B8 1.036. Bitwise the same results either way. FUSEDRNN_CPU_FUSED=0|1 overrides (tests run both).
-inline bool fused_lstm(const Layout& L, int64_t S, int64_t rows) {
+// one thread B8 1.036. Only the AVX-512 build (fused_rows, the kernel's block rows, 6): the AVX2 build's blocks of 2
+// rows were slower (its kernels forced on the same Xeon, time fused / not: B4 1.08, B8 1.06, B16 1.16, T500 B32
+// H128 1.07). Bitwise the same results either way. FUSEDRNN_CPU_FUSED=0|1 overrides (tests run both, every build).
+inline bool fused_lstm(const Layout& L, int64_t S, int64_t rows, int64_t fused_rows) {
   if (L.mode != kLSTM) return false;
   if (const char* e = std::getenv("FUSEDRNN_CPU_FUSED")) return std::strcmp(e, "0") != 0;
-  return S > 1 || rows < 7 || rows > 8;
+  return fused_rows >= 6 && (S > 1 || rows < 7 || rows > 8);
 }
 
 // The forward at batch kSmallBatch (8) to kPersistentMaxBatch takes one GEMM call a step instead of the persistent
